@@ -1,0 +1,421 @@
+"""Typed schemas for every Hydra config group.
+
+Each group is a dataclass registered in Hydra's ConfigStore (see ``r1mega.config.store``);
+the YAML files under ``conf/<group>/`` only state what differs from the defaults written here.
+Defaults live in exactly one place: this file. The attribute docstring under each field is its
+documentation.
+
+Per-group checks live in ``__post_init__`` (they run when ``OmegaConf.to_object`` builds the
+typed object); checks that need several groups live in ``r1mega.config.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from r1mega.config.errors import ConfigError
+
+FAMILIES = ("deepseek_v3", "qwen2", "llama")
+DTYPES = ("fp32", "bf16")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+def _check_choice(key: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: Optional[float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(key, value, "a positive number")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the model; one preset per file in ``conf/model/``."""
+
+    name: str = "custom"
+    """Preset name, used in logs and checkpoint metadata."""
+    family: str = "deepseek_v3"
+    """Model family in the registry: deepseek_v3 (MLA + MoE), qwen2 or llama (dense students)."""
+    num_layers: int = 2
+    """Number of transformer layers (not counting MTP layers)."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 256
+    """Intermediate size of the dense (non-MoE) SwiGLU MLP."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means one per attention head (MHA)."""
+    kv_channels: Optional[int] = None
+    """Per-head dimension for standard attention; None means hidden_size / num_attention_heads."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary size (before padding)."""
+    make_vocab_size_divisible_by: int = 64
+    """The embedding is padded to a multiple of this. Independent of TP so checkpoints reshard."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the position encoding is built for."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the output layer."""
+    add_qkv_bias: bool = False
+    """Bias on the Q/K/V projections (Qwen2)."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    rope_scaling: Optional[str] = None
+    """RoPE scaling: None, 'llama3' (Llama 3.1 frequency scaling) or 'yarn' (DeepSeek-V3, MLA only)."""
+    rope_scaling_factor: float = 1.0
+    """Context extension factor of the RoPE scaling (llama3: 8, yarn: 40 for DeepSeek-V3)."""
+    original_max_position_embeddings: int = 4096
+    """Pre-extension context length used by yarn."""
+    yarn_beta_fast: float = 32.0
+    """Yarn beta_fast."""
+    yarn_beta_slow: float = 1.0
+    """Yarn beta_slow."""
+    yarn_mscale: float = 1.0
+    """Yarn mscale."""
+    yarn_mscale_all_dim: float = 0.0
+    """Yarn mscale_all_dim (DeepSeek-V3: 1.0)."""
+
+    multi_latent_attention: bool = False
+    """Use Multi-Head Latent Attention (low-rank compressed KV with decoupled RoPE)."""
+    q_lora_rank: Optional[int] = None
+    """MLA query compression rank; None means queries are projected directly (no q-LoRA)."""
+    kv_lora_rank: int = 512
+    """MLA key/value latent rank (the part of the KV cache that is not the RoPE key)."""
+    qk_head_dim: int = 128
+    """MLA per-head query/key dimension without RoPE ("nope")."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA decoupled RoPE key/query dimension, shared by all heads for the key."""
+    v_head_dim: int = 128
+    """MLA per-head value dimension."""
+
+    num_experts: Optional[int] = None
+    """Routed experts per MoE layer; None means a dense model."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Intermediate size of each routed expert."""
+    moe_router_topk: int = 2
+    """Routed experts chosen per token."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Total intermediate size of the shared experts (n_shared x expert size); None: no shared expert."""
+    moe_first_k_dense: int = 0
+    """The first k layers use the dense MLP instead of MoE (DeepSeek-V3: 3)."""
+    moe_router_score_function: str = "softmax"
+    """Router score function: softmax or sigmoid (DeepSeek-V3)."""
+    moe_router_num_groups: Optional[int] = None
+    """Expert groups for group-limited routing; None disables it."""
+    moe_router_group_topk: Optional[int] = None
+    """Groups each token may route to under group-limited routing."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Routed scaling factor applied to the top-k weights (DeepSeek-V3: 2.5)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free load balancing: a per-expert bias added to scores for selection only."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert bias update (DeepSeek-V3's gamma)."""
+    moe_router_load_balancing_type: str = "none"
+    """Auxiliary balancing loss: none, aux_loss, seq_aux_loss (DeepSeek-V3) or global_aux_loss."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the auxiliary balancing loss (DeepSeek-V3: 1e-4, sequence-wise)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """Token dispatcher: alltoall or allgather."""
+
+    mtp_num_layers: int = 0
+    """Multi-token prediction layers (DeepSeek-V3: 1)."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the MTP loss."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.family", self.family, FAMILIES)
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
+            _check_positive(f"model.{key}", getattr(self, key))
+        _check_choice("model.rope_scaling", self.rope_scaling, (None, "llama3", "yarn"))
+        _check_choice("model.moe_router_score_function", self.moe_router_score_function, ("softmax", "sigmoid"))
+        _check_choice(
+            "model.moe_router_load_balancing_type",
+            self.moe_router_load_balancing_type,
+            ("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),
+        )
+        _check_choice("model.moe_token_dispatcher_type", self.moe_token_dispatcher_type, ("alltoall", "allgather"))
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                "model.num_query_groups", self.num_query_groups, f"a divisor of model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.rope_scaling == "yarn" and not self.multi_latent_attention:
+            raise ConfigError("model.rope_scaling", "yarn", "yarn only with model.multi_latent_attention=true (use llama3 or null)")
+        if self.num_experts is not None:
+            _check_positive("model.num_experts", self.num_experts)
+            _check_positive("model.moe_ffn_hidden_size", self.moe_ffn_hidden_size)
+            if not 1 <= self.moe_router_topk <= self.num_experts:
+                raise ConfigError("model.moe_router_topk", self.moe_router_topk, f"between 1 and model.num_experts={self.num_experts}")
+            if not 0 <= self.moe_first_k_dense < self.num_layers:
+                raise ConfigError("model.moe_first_k_dense", self.moe_first_k_dense, f"between 0 and model.num_layers-1={self.num_layers - 1}")
+            if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
+                raise ConfigError(
+                    "model.moe_router_group_topk", self.moe_router_group_topk, "set together with model.moe_router_num_groups (both or neither)"
+                )
+            if self.moe_router_num_groups is not None and self.num_experts % self.moe_router_num_groups:
+                raise ConfigError(
+                    "model.moe_router_num_groups", self.moe_router_num_groups, f"a divisor of model.num_experts={self.num_experts}"
+                )
+            if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+                raise ConfigError(
+                    "model.moe_router_enable_expert_bias", True, "only with model.moe_router_score_function=sigmoid (as DeepSeek-V3)"
+                )
+        elif self.moe_first_k_dense or self.moe_shared_expert_intermediate_size:
+            raise ConfigError("model.num_experts", None, "a number of experts when MoE options (moe_first_k_dense, shared experts) are set")
+        if self.mtp_num_layers < 0:
+            raise ConfigError("model.mtp_num_layers", self.mtp_num_layers, "0 or more")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary padded to ``make_vocab_size_divisible_by`` (the embedding's real row count)."""
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def moe_layer_pattern(self) -> List[int]:
+        """1 for an MoE layer, 0 for a dense one, per decoder layer."""
+        if not self.is_moe:
+            return [0] * self.num_layers
+        return [0 if i < self.moe_first_k_dense else 1 for i in range(self.num_layers)]
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallelism is what is left of the world size."""
+
+    world_size: Optional[int] = None
+    """Expected number of processes. None: whatever the launcher starts. Set it to check a layout offline."""
+    tensor_model_parallel_size: int = 1
+    """Tensor parallelism (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallelism (PP)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline chunks per stage (VPP); None disables interleaving."""
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Decoder layers on the first pipeline stage when the split is uneven (it also holds the embedding)."""
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Decoder layers on the last pipeline stage when the split is uneven (it also holds output and MTP)."""
+    context_parallel_size: int = 1
+    """Context parallelism (CP)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallelism (EP); experts are split over EP ranks carved out of DP x CP."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Tensor parallelism inside experts (ETP); None means the same as TP."""
+    sequence_parallel: bool = False
+    """Sequence parallelism over the TP group (required for MoE with TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduce-scatter/all-reduce with the backward pass."""
+    backend: Optional[str] = None
+    """torch.distributed backend; None: nccl with CUDA, gloo without."""
+    timeout_minutes: int = 10
+    """Collective timeout; a hung peer fails the run after this long."""
+
+    def __post_init__(self) -> None:
+        for key in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+            "timeout_minutes",
+        ):
+            _check_positive(f"parallel.{key}", getattr(self, key))
+        _check_positive("parallel.world_size", self.world_size, allow_none=True)
+        _check_positive("parallel.expert_tensor_parallel_size", self.expert_tensor_parallel_size, allow_none=True)
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _check_positive("parallel.virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size)
+            if self.pipeline_model_parallel_size < 2:
+                raise ConfigError(
+                    "parallel.virtual_pipeline_model_parallel_size",
+                    self.virtual_pipeline_model_parallel_size,
+                    "null unless parallel.pipeline_model_parallel_size > 1",
+                )
+        _check_choice("parallel.backend", self.backend, (None, "gloo", "nccl"))
+
+    @property
+    def etp(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    @property
+    def vpp(self) -> int:
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision and layer implementation."""
+
+    dtype: str = "fp32"
+    """Parameter/compute dtype: fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
+    fp8: Optional[str] = None
+    """FP8 format for linear layers (e4m3 or hybrid); needs Transformer Engine on a GPU."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe: delayed, tensorwise, blockwise or mxfp8."""
+    transformer_impl: str = "auto"
+    """Layer implementation: auto (TE when importable on a GPU), transformer_engine or local."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32."""
+
+    def __post_init__(self) -> None:
+        _check_choice("precision.dtype", self.dtype, DTYPES)
+        _check_choice("precision.fp8", self.fp8, (None,) + FP8_FORMATS)
+        _check_choice("precision.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        _check_choice("precision.transformer_impl", self.transformer_impl, ("auto", "transformer_engine", "local"))
+        if self.fp8 is not None and self.dtype != "bf16":
+            raise ConfigError("precision.dtype", self.dtype, "bf16 when precision.fp8 is set")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and batch sizes."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps."""
+    lr_decay_style: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    train_steps: int = 20
+    """Optimizer steps to run."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 4
+    """Sequences per optimizer step over all data-parallel ranks (micro x accumulation x DP)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.lr", self.lr)
+        _check_positive("optim.train_steps", self.train_steps)
+        _check_positive("optim.micro_batch_size", self.micro_batch_size)
+        _check_positive("optim.global_batch_size", self.global_batch_size)
+        _check_choice("optim.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("optim.min_lr", self.min_lr, f"between 0 and optim.lr={self.lr}")
+        if self.clip_grad < 0:
+            raise ConfigError("optim.clip_grad", self.clip_grad, "0 (off) or a positive norm")
+        if not 0 <= self.lr_warmup_steps <= self.train_steps:
+            raise ConfigError("optim.lr_warmup_steps", self.lr_warmup_steps, f"between 0 and optim.train_steps={self.train_steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints."""
+
+    dir: Optional[str] = None
+    """Checkpoint folder; None means ``<run dir>/checkpoints``."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and on preemption)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep."""
+    load: Optional[str] = None
+    """Checkpoint to start from (weights only) when the run has none of its own to resume."""
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 0:
+            raise ConfigError("checkpoint.save_interval", self.save_interval, "0 or more")
+        _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and console output."""
+
+    log_interval: int = 1
+    """Log metrics every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under ``<run dir>/tb``."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    level: str = "INFO"
+    """Python log level."""
+
+    def __post_init__(self) -> None:
+        _check_positive("logging.log_interval", self.log_interval)
+        _check_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class StageConfig:
+    """Which stage of the R1 pipeline runs, and its stage-level options."""
+
+    name: str = "pretrain"
+    """Stage: pretrain (next-token prediction on the data source)."""
+    eval_interval: int = 0
+    """Evaluate every N steps (0: never)."""
+    max_consecutive_nonfinite: int = 5
+    """Stop the run after this many non-finite losses or gradients in a row."""
+
+    def __post_init__(self) -> None:
+        _check_choice("stage.name", self.name, ("pretrain",))
+        if self.eval_interval < 0:
+            raise ConfigError("stage.eval_interval", self.eval_interval, "0 (off) or more")
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    source: str = "synthetic"
+    """Data source: synthetic (a fixed random token stream with a learnable pattern)."""
+    seq_length: int = 64
+    """Tokens per training sequence."""
+    seed: int = 1234
+    """Seed of data order and synthetic data."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("synthetic",))
+        _check_positive("data.seq_length", self.seq_length)
+
+
+@dataclass
+class R1Config:
+    """The whole run: one field per config group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+    """Seed of model initialisation."""
+    run_dir: str = "runs/default"
+    """Where logs, TensorBoard and checkpoints go."""

@@ -1,0 +1,199 @@
+"""Cross-group validation: everything that needs more than one config group to check.
+
+``validate(cfg, world_size)`` runs before any process group or model is built, so a wrong layout fails
+in a second with one line naming the key, the value and what would be valid (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from r1mega.config.errors import ConfigError
+from r1mega.config.schema import R1Config
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What the machine offers; detected at run time, passed in so validation stays testable."""
+
+    cuda: bool
+    transformer_engine: bool
+
+
+def detect_accelerator() -> Accelerator:
+    """CUDA and Transformer Engine availability, without importing megatron-core."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    te = False
+    if cuda:
+        try:  # TE raises RuntimeError (not ImportError) when its CUDA libraries are missing
+            import transformer_engine.pytorch  # noqa: F401
+
+            te = True
+        except Exception:
+            te = False
+    return Accelerator(cuda=cuda, transformer_engine=te)
+
+
+def data_parallel_size(cfg: R1Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // p.model_parallel_size
+
+
+def pipeline_stage_layers(cfg: R1Config) -> List[int]:
+    """Decoder layers on each pipeline stage (before virtual-pipeline chunking)."""
+    p, n = cfg.parallel, cfg.model.num_layers
+    pp = p.pipeline_model_parallel_size
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = n - (first or 0) - (last or 0)
+    per = rest // middle_stages if middle_stages else 0
+    layers = [per] * pp
+    if first is not None:
+        layers[0] = first
+    if last is not None:
+        layers[-1] = last
+    return layers
+
+
+def validate(cfg: R1Config, world_size: Optional[int] = None, accel: Optional[Accelerator] = None) -> int:
+    """Check the whole config for ``world_size`` processes; returns the data-parallel size.
+
+    ``world_size`` is the launcher's; None uses ``parallel.world_size`` (offline checks).
+    """
+    accel = accel or detect_accelerator()
+    p, m = cfg.parallel, cfg.model
+    if world_size is None:
+        if p.world_size is None:
+            raise ConfigError("parallel.world_size", None, "a number of processes when no launcher gives one")
+        world_size = p.world_size
+    elif p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(
+            "parallel.world_size", p.world_size, f"{world_size} (the processes launched), or null to accept any"
+        )
+    _validate_layout(cfg, world_size)
+    dp = data_parallel_size(cfg, world_size)
+    _validate_model_split(cfg, dp)
+    _validate_pipeline(cfg)
+    _validate_precision(cfg, accel)
+    _validate_batches(cfg, dp)
+    if cfg.data.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            "data.seq_length", cfg.data.seq_length, f"at most model.max_position_embeddings={m.max_position_embeddings}"
+        )
+    return dp
+
+
+def _validate_layout(cfg: R1Config, world_size: int) -> None:
+    p, m = cfg.parallel, cfg.model
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"TP x PP x CP ({tp} x {pp} x {cp} = {tp * pp * cp}) to divide the world size {world_size} "
+            "(data parallelism takes the rest)",
+        )
+    dp = world_size // (tp * pp * cp)
+    ep, etp = p.expert_model_parallel_size, p.etp
+    if ep > 1 and not m.is_moe:
+        raise ConfigError("parallel.expert_model_parallel_size", ep, f"1 for the dense model '{m.name}'")
+    if m.is_moe:
+        if m.num_experts % ep:
+            raise ConfigError("parallel.expert_model_parallel_size", ep, f"a divisor of model.num_experts={m.num_experts}")
+        if (tp * cp * dp) % (ep * etp):
+            raise ConfigError(
+                "parallel.expert_model_parallel_size",
+                ep,
+                f"EP x ETP ({ep} x {etp}) to divide TP x CP x DP ({tp} x {cp} x {dp}) = the ranks of one pipeline stage",
+            )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel", True, "false when parallel.tensor_model_parallel_size=1")
+    if m.is_moe and tp > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel", False, "true: megatron-core MoE with TP > 1 needs sequence parallelism")
+    if cp > 1:
+        raise ConfigError(
+            "parallel.context_parallel_size", cp, "1: context parallelism needs Transformer Engine attention (not wired yet)"
+        )
+
+
+def _validate_model_split(cfg: R1Config, dp: int) -> None:
+    p, m = cfg.parallel, cfg.model
+    tp, etp = p.tensor_model_parallel_size, p.etp
+    checks = [
+        ("model.num_attention_heads", m.num_attention_heads, tp),
+        ("model.make_vocab_size_divisible_by", m.padded_vocab_size, tp),
+        ("model.ffn_hidden_size", m.ffn_hidden_size, tp),
+    ]
+    if not m.multi_latent_attention:
+        checks.append(("model.num_query_groups", m.query_groups, tp))
+    if m.is_moe:
+        checks.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size, etp))
+        if m.moe_shared_expert_intermediate_size:
+            checks.append(("model.moe_shared_expert_intermediate_size", m.moe_shared_expert_intermediate_size, tp))
+    for key, value, divisor in checks:
+        if value % divisor:
+            what = "padded vocabulary" if key.endswith("divisible_by") else key.split(".")[-1]
+            raise ConfigError(key, value, f"{what} divisible by the tensor-parallel size {divisor}")
+    seq = cfg.data.seq_length
+    if p.sequence_parallel and seq % tp:
+        raise ConfigError("data.seq_length", seq, f"a multiple of parallel.tensor_model_parallel_size={tp} (sequence parallel)")
+
+
+def _validate_pipeline(cfg: R1Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    pp, vpp = p.pipeline_model_parallel_size, p.vpp
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    if pp == 1:
+        for key, value in (("num_layers_in_first_pipeline_stage", first), ("num_layers_in_last_pipeline_stage", last)):
+            if value is not None:
+                raise ConfigError(f"parallel.{key}", value, "null when parallel.pipeline_model_parallel_size=1")
+        return
+    if (first is not None or last is not None) and vpp > 1:
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size", vpp, "null with an uneven first/last pipeline stage"
+        )
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = m.num_layers - (first or 0) - (last or 0)
+    if rest < 0 or (middle_stages == 0 and rest != 0) or (middle_stages and rest % (middle_stages * vpp)):
+        hint = (
+            f"model.num_layers={m.num_layers} divisible by PP x VPP = {pp * vpp}, or an uneven split with "
+            "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
+        )
+        key = "parallel.pipeline_model_parallel_size" if first is None and last is None else "parallel.num_layers_in_first_pipeline_stage"
+        raise ConfigError(key, pp if first is None and last is None else first, hint)
+    if min(pipeline_stage_layers(cfg)) < 1 and vpp == 1:
+        raise ConfigError("parallel.pipeline_model_parallel_size", pp, f"at most one stage per layer (model.num_layers={m.num_layers})")
+
+
+def _validate_precision(cfg: R1Config, accel: Accelerator) -> None:
+    pr = cfg.precision
+    te_ok = accel.cuda and accel.transformer_engine
+    if pr.fp8 is not None and not te_ok:
+        raise ConfigError(
+            "precision.fp8", pr.fp8, "null on this machine: FP8 needs Transformer Engine on a CUDA GPU (use precision=bf16)"
+        )
+    if pr.transformer_impl == "transformer_engine" and not te_ok:
+        raise ConfigError(
+            "precision.transformer_impl", pr.transformer_impl, "auto or local: Transformer Engine needs a CUDA GPU with TE installed"
+        )
+
+
+def _validate_batches(cfg: R1Config, dp: int) -> None:
+    o, p = cfg.optim, cfg.parallel
+    if o.global_batch_size % (o.micro_batch_size * dp):
+        raise ConfigError(
+            "optim.global_batch_size",
+            o.global_batch_size,
+            f"a multiple of optim.micro_batch_size x DP = {o.micro_batch_size} x {dp} = {o.micro_batch_size * dp}",
+        )
+    microbatches = o.global_batch_size // (o.micro_batch_size * dp)
+    if p.vpp > 1 and microbatches % p.pipeline_model_parallel_size:
+        raise ConfigError(
+            "optim.global_batch_size",
+            o.global_batch_size,
+            f"a number of micro-batches ({microbatches}) divisible by parallel.pipeline_model_parallel_size="
+            f"{p.pipeline_model_parallel_size} (interleaved pipeline)",
+        )
