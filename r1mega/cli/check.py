@@ -1,0 +1,210 @@
+"""``r1mega-check``: check a config and show its layout, parameters, memory and FLOPs, in about a second.
+
+    r1mega-check model=deepseek_v3 parallel=dsv3_2048 precision=bf16
+    r1mega-check model=qwen2_5_7b parallel=tp2 --world-size 16
+
+Arguments are Hydra overrides, as for ``r1mega-train``. Nothing here imports megatron-core or starts a
+process group: the config is composed and validated, then the rank layout, parameter counts and memory
+are computed analytically (``r1mega.parallel.layout``, ``r1mega.models.params``, ``r1mega.models.memory``).
+A wrong config prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from typing import List, Optional, Sequence
+
+from r1mega.config.errors import ConfigError
+from r1mega.config.load import compose_config, exit_on_config_error
+from r1mega.config.schema import R1Config
+from r1mega.config.validate import Accelerator, detect_accelerator, validate
+from r1mega.models.memory import MemoryEstimate, peak_memory, stage_memory
+from r1mega.models.params import ModelParams, count_params, flops_per_token
+from r1mega.parallel.layout import Layout, layout
+
+GROUP_LABELS = {
+    "tp": "TP",
+    "pp": "PP",
+    "dp": "DP",
+    "cp": "CP",
+    "ep": "EP",
+    "expert_tp": "expert TP",
+    "expert_dp": "expert DP",
+}
+"""Group kinds shown, with their labels (``dp_cp`` equals ``dp`` while CP is 1 and is not shown)."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments: Hydra overrides plus a few options of this command."""
+    parser = argparse.ArgumentParser(
+        prog="r1mega-check",
+        description="Check an r1mega config offline: validate it, then show the rank layout, layers per "
+        "pipeline stage, experts per rank, parameter counts, model-state memory per rank and FLOPs per token.",
+        epilog="example: r1mega-check model=deepseek_v3 parallel=dsv3_2048 precision=bf16",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=deepseek_v3 parallel=dsv3_2048")
+    parser.add_argument("--world-size", type=int, default=None, help="number of processes (sets parallel.world_size)")
+    parser.add_argument("--groups", type=int, default=3, metavar="N", help="rank groups shown per kind (default 3)")
+    return parser.parse_intermixed_args(argv)
+
+
+def accelerator() -> Accelerator:
+    """This machine's accelerator, without importing torch (2+ s) when Transformer Engine is absent.
+
+    Validation only asks for CUDA together with Transformer Engine (FP8, TE layers); without TE installed
+    the answer is "no" whatever the GPU, so the CUDA flag is a cheap guess from the driver's device node.
+    """
+    if importlib.util.find_spec("transformer_engine") is None:
+        return Accelerator(cuda=os.path.exists("/dev/nvidiactl"), transformer_engine=False)
+    return detect_accelerator()
+
+
+def fmt_count(n: float) -> str:
+    """A parameter count with a unit: 671.03B, 11.61M, 512."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_bytes(n: float) -> str:
+    """A byte count in binary units: 61.35 GiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_flops(n: float) -> str:
+    """A FLOP count with a unit: 86.88 GFLOP."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+def fmt_ranks(ranks: List[int], width: int = 8) -> str:
+    """A rank group, shortened in the middle when long: [0, 128, 256, ..., 1920]."""
+    if len(ranks) <= width:
+        return "[" + ", ".join(map(str, ranks)) + "]"
+    head = ", ".join(map(str, ranks[: width - 2]))
+    return f"[{head}, ..., {ranks[-1]}]"
+
+
+def layout_lines(lay: Layout, shown: int) -> List[str]:
+    """The sizes and the first ``shown`` groups of each kind."""
+    lines = [
+        f"layout (megatron-core order tp-cp-ep-dp-pp, {lay.world_size} ranks):",
+        f"  dense:   TP {lay.tp} x CP {lay.cp} x DP {lay.dp} x PP {lay.pp}",
+    ]
+    if lay.num_experts:
+        lines.append(f"  experts: ETP {lay.etp} x EP {lay.ep} x expert-DP {lay.expert_dp} x PP {lay.pp}")
+    for kind, label in GROUP_LABELS.items():
+        if kind.startswith(("ep", "expert")) and not lay.num_experts:
+            continue
+        if kind == "cp" and lay.cp == 1:
+            continue
+        groups = lay.groups[kind]
+        first = " ".join(fmt_ranks(g) for g in groups[:shown])
+        more = f" ... ({len(groups) - shown} more)" if len(groups) > shown else ""
+        lines.append(f"  {label:<10} {len(groups):>5} groups of {len(groups[0]):<5} {first}{more}")
+    return lines
+
+
+def pipeline_lines(lay: Layout) -> List[str]:
+    """Decoder layers per pipeline stage (and per virtual chunk) and experts per EP rank."""
+    lines = [f"pipeline: {lay.pp} stage(s), decoder layers per stage {lay.stage_layers}"]
+    if lay.vpp > 1:
+        for s, chunks in enumerate(lay.stage_chunks):
+            spans = ", ".join(f"{c.start}-{c.stop - 1}" for c in chunks)
+            lines.append(f"  stage {s}: chunks {spans}")
+    else:
+        spans = [f"{c.start}-{c.stop - 1}" if len(c) > 1 else str(c.start) for chunks in lay.stage_chunks for c in chunks]
+        lines.append(f"  layer indices per stage: {', '.join(spans)}")
+    if lay.num_experts:
+        r = lay.local_experts(0)
+        lines.append(
+            f"experts: {lay.num_experts} routed per MoE layer, {lay.experts_per_ep_rank} per EP rank "
+            f"(EP rank 0 holds {r.start}-{r.stop - 1})"
+        )
+    return lines
+
+
+def params_lines(cfg: R1Config, params: ModelParams) -> List[str]:
+    """Total, activated and MTP parameter counts and FLOPs per token."""
+    m = cfg.model
+    lines = [
+        f"parameters: total {fmt_count(params.total)} (embedding {fmt_count(params.embedding)}, output "
+        f"{fmt_count(params.output) if params.output else 'tied'}), activated per token {fmt_count(params.activated)}",
+    ]
+    if params.mtp_layers:
+        lines.append(
+            f"  MTP module: {fmt_count(params.mtp)} in {len(params.mtp_layers)} layer(s) (shares embedding and "
+            f"output; not in the total), total with MTP {fmt_count(params.total_with_mtp)}"
+        )
+    if m.is_moe:
+        lines.append(
+            f"  routed experts: {fmt_count(params.experts)}; expert-bias buffers (not parameters): {params.expert_bias}"
+        )
+    f = flops_per_token(m, cfg.data.seq_length)
+    mtp = f", MTP {fmt_flops(f.mtp)}" if f.mtp else ""
+    lines.append(
+        f"FLOPs per token at seq_length {f.seq_length}: forward {fmt_flops(f.forward)} (matmul {fmt_flops(f.matmul)}, "
+        f"attention {fmt_flops(f.attention)}{mtp}), training (3 x forward) {fmt_flops(f.training)}"
+    )
+    return lines
+
+
+def memory_lines(cfg: R1Config, lay: Layout, params: ModelParams) -> List[str]:
+    """Parameters and model-state bytes on the busiest rank, with and without the distributed optimizer."""
+    estimates = stage_memory(cfg, lay, params)
+    pr = cfg.precision
+    grad_dtype = "fp32" if pr.grad_reduce_in_fp32 else pr.dtype
+    lines = [f"memory per rank (model state only; weights {pr.dtype}, grads {grad_dtype}, Adam fp32; no activations):"]
+    configured = cfg.parallel.use_distributed_optimizer
+    for distributed in (False, True):
+        e: MemoryEstimate = peak_memory(estimates, distributed)
+        optim = e.optimizer_distributed if distributed else e.optimizer
+        total = e.total_distributed if distributed else e.total
+        name = "distributed optimizer" if distributed else "plain optimizer      "
+        mark = " <- configured" if distributed == configured else ""
+        p = e.params
+        lines.append(
+            f"  {name}: stage {p.stage}: params {fmt_count(p.total)} (dense {fmt_count(p.dense)}, experts "
+            f"{fmt_count(p.expert)}); weights {fmt_bytes(e.weights)} + grads {fmt_bytes(e.grads)} + optimizer "
+            f"{fmt_bytes(optim)} = {fmt_bytes(total)}{mark}"
+        )
+    return lines
+
+
+def report(cfg: R1Config, world_size: int, dp: int, shown: int) -> List[str]:
+    """Every line ``r1mega-check`` prints for a valid config."""
+    lay = layout(cfg, world_size)
+    params = count_params(cfg.model)
+    m, o = cfg.model, cfg.optim
+    header = (
+        f"r1mega-check: model {m.name} ({m.family}), {world_size} rank(s), precision {cfg.precision.dtype}; "
+        f"config OK (DP {dp}, {o.global_batch_size // (o.micro_batch_size * dp)} micro-batch(es) per step)"
+    )
+    return [header, *layout_lines(lay, shown), *pipeline_lines(lay), *params_lines(cfg, params), *memory_lines(cfg, lay, params)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``r1mega-check``."""
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.world_size is not None:
+        overrides.append(f"parallel.world_size={args.world_size}")
+    try:
+        cfg = compose_config(overrides)
+        dp = validate(cfg, accel=accelerator())
+    except ConfigError as error:
+        exit_on_config_error(error)
+    for line in report(cfg, cfg.parallel.world_size, dp, args.groups):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

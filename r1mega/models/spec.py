@@ -1,0 +1,162 @@
+"""The one place that decides which megatron-core module fills each slot of a layer.
+
+Attention: MLA (``MLASelfAttention``) or standard/GQA (``SelfAttention``). MLP: MoE (routed + shared
+experts) or dense SwiGLU, per layer (the first ``moe_first_k_dense`` layers are dense). Backend:
+Transformer Engine layers (fused layernorm-linear, TE attention, grouped GEMM, FP8) when TE runs on a
+GPU, megatron-core's local layers otherwise. Model classes never branch on the parallel layout.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec_for_backend,
+    get_mlp_module_spec_for_backend,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from r1mega.models.attention import SDPACoreAttention
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """RMSNorm that works under sequence parallelism without Transformer Engine or apex.
+
+    megatron-core's local ``WrappedTorchNorm`` refuses ``sequence_parallel``; under SP a norm sees only
+    this rank's part of the sequence, so its weight gradient must be summed over the TP group, which
+    ``finalize_model_grads`` does for parameters marked ``sequence_parallel``.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused: object) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+class R1LocalSpecProvider(LocalSpecProvider):
+    """megatron-core's local modules, with r1mega's sequence-parallel-safe RMSNorm and SDPA attention."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return RMSNorm
+
+    def core_attention(self) -> type:
+        return SDPACoreAttention
+
+
+def _local_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
+    """A transformer layer from megatron-core's local modules (no TE, no apex)."""
+    backend = R1LocalSpecProvider()
+    norm = backend.layer_norm(rms_norm=True)
+    mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts if moe else None)
+    if config.multi_latent_attention:
+        attention = ModuleSpec(
+            module=MLASelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=MLASelfAttentionSubmodules(
+                linear_q_proj=backend.column_parallel_linear(),
+                linear_q_down_proj=backend.column_parallel_linear(),
+                linear_q_up_proj=backend.column_parallel_linear(),
+                linear_kv_down_proj=backend.column_parallel_linear(),
+                linear_kv_up_proj=backend.column_parallel_linear(),
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=norm,
+                kv_layernorm=norm,
+            ),
+        )
+    else:
+        attention = ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=backend.column_parallel_linear(),
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=IdentityOp,
+                k_layernorm=IdentityOp,
+            ),
+        )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def _te_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
+    """A transformer layer from Transformer Engine modules (GPU)."""
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=config.num_moe_experts if moe else None,
+        moe_grouped_gemm=config.moe_grouped_gemm and moe,
+        qk_layernorm=config.qk_layernorm,
+        multi_latent_attention=config.multi_latent_attention,
+    )
+
+
+def layer_pattern(config: TransformerConfig) -> List[int]:
+    """1 for an MoE layer, 0 for a dense one, over all decoder layers."""
+    freq = config.moe_layer_freq
+    if config.num_moe_experts is None:
+        return [0] * config.num_layers
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    return list(freq)
+
+
+def decoder_block_spec(
+    config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+) -> TransformerBlockSubmodules:
+    """The decoder layers this pipeline stage (and virtual stage) builds, with the final norm."""
+    make = _te_layer_spec if use_te else _local_layer_spec
+    dense, moe = make(config, moe=False), make(config, moe=True)
+    specs = [moe if is_moe else dense for is_moe in layer_pattern(config)]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm: type = TENorm
+    else:
+        final_norm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + count], layer_norm=final_norm)
+
+
+def mtp_block_spec(
+    config: TransformerConfig, block: TransformerBlockSubmodules, use_te: bool, vp_stage: Optional[int] = None
+) -> Optional[ModuleSpec]:
+    """Multi-token-prediction layers (built on the last pipeline stage only), or None."""
+    if not config.mtp_num_layers:
+        return None
+    if use_te:
+        from megatron.core.models.backends import TESpecProvider
+
+        backend = TESpecProvider()
+    else:
+        backend = R1LocalSpecProvider()
+    make = _te_layer_spec if use_te else _local_layer_spec
+    last_layer = make(config, moe=layer_pattern(config)[-1] == 1)
+    return get_gpt_mtp_block_spec_for_backend(config=config, spec=last_layer, backend=backend, vp_stage=vp_stage)

@@ -1,0 +1,184 @@
+"""Distributed start-up: read the launcher's environment, open the process group, build parallel state.
+
+Works under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), under ``srun``
+without torchrun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of SLURM_JOB_NODELIST as
+master) and as a plain single process. gloo on CPU, NCCL on GPU. megatron-core's parallel state is
+initialised for TP/PP/VPP/CP/EP/ETP/DP from the ``parallel`` config group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from r1mega.config.schema import R1Config
+from r1mega.config.validate import validate
+from r1mega.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits, as the launcher described it."""
+
+    launcher: str
+    """torchrun, slurm or single."""
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as ``gpu[003-005,9],cpu1`` (-> ``gpu003``)."""
+    depth, first = 0, nodelist
+    for i, ch in enumerate(nodelist):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            first = nodelist[:i]
+            break
+    match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", first)
+    if not match:
+        return first
+    prefix, ranges, suffix = match.groups()
+    start = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{start}{suffix}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """The launcher's view of this process: torchrun's variables first, then Slurm's, else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            "torchrun",
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        return LaunchEnv(
+            "slurm",
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+        )
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()))
+
+
+@dataclass
+class ParallelContext:
+    """The started distributed run, passed explicitly to what needs it."""
+
+    launch: LaunchEnv
+    data_parallel_size: int
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+
+def initialize(cfg: R1Config, launch: Optional[LaunchEnv] = None) -> ParallelContext:
+    """Validate the config for this world size, open the process group and megatron-core's parallel state."""
+    launch = launch or read_launch_env()
+    dp = validate(cfg, launch.world_size)  # fails before any collective if the layout cannot work
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from r1mega.parallel import cpu_compat
+
+        cpu_compat.apply()
+        device = torch.device("cpu")
+    else:
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    backend = cfg.parallel.backend or ("nccl" if cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(minutes=cfg.parallel.timeout_minutes),
+        )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.etp,
+        distributed_timeout_minutes=p.timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    log.info(
+        "started %d process(es) via %s: TP=%d PP=%d CP=%d EP=%d ETP=%d DP=%d on %s (%s)",
+        launch.world_size,
+        launch.launcher,
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+        p.etp,
+        dp,
+        device,
+        backend,
+    )
+    return ParallelContext(launch=launch, data_parallel_size=dp, device=device)
+
+
+def destroy() -> None:
+    """Tear down megatron-core's parallel state and the process group, and reset per-process MoE state."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process(cfg: R1Config) -> Iterator[ParallelContext]:
+    """A one-process run (tests, tools): initialise, yield, tear down."""
+    ctx = initialize(cfg, LaunchEnv("single", 0, 1, 0, "127.0.0.1", _free_port()))
+    try:
+        yield ctx
+    finally:
+        destroy()
