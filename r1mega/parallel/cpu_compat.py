@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import sys
 import textwrap
 import types
 from typing import Any, Callable, Dict, List
@@ -63,6 +64,7 @@ SHIMMED_MODULES: List[str] = [
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.transformer.multi_token_prediction",
+    "megatron.core.utils",
 ]
 """megatron-core modules that create CUDA tensors or use CUDA streams on r1mega's training paths."""
 
@@ -225,7 +227,12 @@ def _rewrite(owner: Any, attr: str, old: str, new: str) -> None:
     exec(code, {**func.__globals__, owner.__name__: owner} if isinstance(owner, type) else func.__globals__, namespace)  # noqa: S102 - recompiling megatron-core's own source
     new_func = namespace[func.__name__]
     new_func.__qualname__ = func.__qualname__
-    setattr(owner, attr, wrapper(new_func) if wrapper else new_func)
+    replacement = wrapper(new_func) if wrapper else new_func
+    setattr(owner, attr, replacement)
+    if isinstance(owner, types.ModuleType):  # modules that imported the function by name
+        for module in list(sys.modules.values()):
+            if module and module.__name__.startswith("megatron.") and getattr(module, attr, None) is fn:
+                setattr(module, attr, replacement)
 
 
 _FLOAT_CHECK = "== 'torch.cuda.FloatTensor'"

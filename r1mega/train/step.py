@@ -1,0 +1,212 @@
+"""One optimizer step on megatron-core: wrapping, optimizer, LR schedule and forward-backward.
+
+Model chunks are wrapped as megatron's training does (``Float16Module`` for bf16, then megatron DDP);
+the optimizer is ``get_megatron_optimizer`` (optionally the distributed optimizer) and the schedule
+``OptimizerParamScheduler``; the step runs megatron's forward-backward function (no pipelining,
+1F1B or interleaved, chosen by the layout) and ``finalize_model_grads`` (grad all-reduce, sequence-
+parallel norm grads, and the aux-loss-free expert-bias update).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from r1mega.config.schema import R1Config
+
+Batch = Dict[str, torch.Tensor]
+"""tokens, labels, loss_mask (b, s) and position_ids (b, s)."""
+
+
+@dataclass
+class Trainer:
+    """The wrapped model chunks with their optimizer and schedule."""
+
+    cfg: R1Config
+    config: TransformerConfig
+    model: List[DistributedDataParallel]
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    data_parallel_size: int
+
+    @property
+    def num_microbatches(self) -> int:
+        o = self.cfg.optim
+        return o.global_batch_size // (o.micro_batch_size * self.data_parallel_size)
+
+
+def wrap_model(cfg: R1Config, config: TransformerConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
+    """Float16Module (bf16) and megatron DDP around each chunk, as megatron's ``get_model`` does."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        bucket_size=None if cfg.parallel.overlap_grad_reduce else 10**12,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        if cfg.precision.dtype == "bf16":
+            chunk = Float16Module(config, chunk)
+        wrapped.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=i > 0,  # as megatron: only the first chunk overlaps its reduce
+            )
+        )
+    for model in wrapped:
+        model.broadcast_params()  # identical weights on every data-parallel replica
+    return wrapped
+
+
+def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: List[torch.nn.Module], dp: int) -> Trainer:
+    """Wrap ``chunks`` and create the optimizer and LR schedule."""
+    o = cfg.optim
+    model = wrap_model(cfg, config, chunks)
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.precision.dtype == "bf16",
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.lr_warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=max(o.train_steps, 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(o.train_steps, 1),
+        wd_incr_style="constant",
+    )
+    # What megatron's training loop sets so the schedules reduce grads and update the expert bias.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.grad_sync_func = None
+    return Trainer(cfg, config, model, optimizer, scheduler, dp)
+
+
+def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """Masked next-token loss: (sum over unmasked tokens, token count, report)."""
+    losses = output.float()  # (b, s) per-token cross entropy from GPTModel
+    mask = loss_mask.float()
+    total = (losses * mask).sum()
+    count = mask.sum()
+    return total, count.to(torch.int), {"lm_loss": torch.stack([total.detach(), count.detach()])}
+
+
+def lm_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> Tuple[torch.Tensor, Callable]:
+    """The forward step megatron's schedules call once per micro-batch."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+def forward_backward(
+    trainer: Trainer,
+    batches: Iterator[Batch],
+    forward_step: Callable = lm_forward_step,
+    forward_only: bool = False,
+    keys: Sequence[str] = ("lm_loss",),
+) -> Dict[str, float]:
+    """Run all micro-batches of one global batch; returns token-mean losses over the whole world."""
+    cfg = trainer.cfg
+    fb = get_forward_backward_func()
+    vpp = len(trainer.model)
+    iterator: Any = [batches] * vpp if vpp > 1 else batches
+    reports = fb(
+        forward_step_func=forward_step,
+        data_iterator=iterator,
+        model=trainer.model if vpp > 1 else trainer.model[0],
+        num_microbatches=trainer.num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return reduce_reports(reports, keys)
+
+
+def reduce_reports(reports: List[Dict[str, torch.Tensor]], keys: Sequence[str] = ("lm_loss",)) -> Dict[str, float]:
+    """Sum each (total, count) report over micro-batches and ranks: one token mean per key, on every rank.
+
+    Only the last pipeline stage has reports and TP ranks hold copies, so TP rank 0 contributes; the
+    all-reduce runs over the whole world, so every rank learns the same numbers.
+    """
+    sums = torch.zeros(len(keys), 2, dtype=torch.float64)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        for report in reports:
+            for i, key in enumerate(keys):
+                if key in report:
+                    sums[i] += report[key].double().cpu()
+    sums = sums.to(_device())
+    dist.all_reduce(sums)
+    return {key: (s[0] / s[1].clamp(min=1)).item() if s[1] > 0 else float("nan") for key, s in zip(keys, sums)}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def grads_finite(trainer: Trainer) -> bool:
+    """Whether every gradient on every rank is finite (one check per grad buffer, one all-reduce)."""
+    bad = torch.zeros(1)
+    for model in trainer.model:
+        for buffer in model.buffers + model.expert_parallel_buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                bad += 1
+    bad = bad.to(_device())
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def train_step(trainer: Trainer, batches: Iterator[Batch], forward_step: Callable = lm_forward_step) -> Dict[str, float]:
+    """Zero grads, forward-backward over the global batch, then step unless anything is non-finite."""
+    for model in trainer.model:
+        model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    metrics = forward_backward(trainer, batches, forward_step)
+    loss = metrics.get("lm_loss", float("nan"))
+    finite = math.isfinite(loss) and grads_finite(trainer)
+    grad_norm = float("nan")
+    if finite:
+        ok, grad_norm, _ = trainer.optimizer.step()
+        finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
+    if finite:
+        trainer.scheduler.step(increment=1)
+    metrics.update(
+        grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        lr=trainer.optimizer.param_groups[0]["lr"],
+        skipped=float(not finite),
+    )
+    return metrics
