@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.load import compose_config, exit_on_config_error
@@ -36,7 +36,7 @@ GROUP_LABELS = {
 """Group kinds shown, with their labels (``dp_cp`` equals ``dp`` while CP is 1 and is not shown)."""
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments: Hydra overrides plus a few options of this command."""
     parser = argparse.ArgumentParser(
         prog="r1mega-check",
@@ -85,7 +85,7 @@ def fmt_flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
-def fmt_ranks(ranks: List[int], width: int = 8) -> str:
+def fmt_ranks(ranks: list[int], width: int = 8) -> str:
     """A rank group, shortened in the middle when long: [0, 128, 256, ..., 1920]."""
     if len(ranks) <= width:
         return "[" + ", ".join(map(str, ranks)) + "]"
@@ -93,7 +93,7 @@ def fmt_ranks(ranks: List[int], width: int = 8) -> str:
     return f"[{head}, ..., {ranks[-1]}]"
 
 
-def layout_lines(lay: Layout, shown: int) -> List[str]:
+def layout_lines(lay: Layout, shown: int) -> list[str]:
     """The sizes and the first ``shown`` groups of each kind."""
     lines = [
         f"layout (megatron-core order tp-cp-ep-dp-pp, {lay.world_size} ranks):",
@@ -113,7 +113,7 @@ def layout_lines(lay: Layout, shown: int) -> List[str]:
     return lines
 
 
-def pipeline_lines(lay: Layout) -> List[str]:
+def pipeline_lines(lay: Layout) -> list[str]:
     """Decoder layers per pipeline stage (and per virtual chunk) and experts per EP rank."""
     lines = [f"pipeline: {lay.pp} stage(s), decoder layers per stage {lay.stage_layers}"]
     if lay.vpp > 1:
@@ -121,7 +121,9 @@ def pipeline_lines(lay: Layout) -> List[str]:
             spans = ", ".join(f"{c.start}-{c.stop - 1}" for c in chunks)
             lines.append(f"  stage {s}: chunks {spans}")
     else:
-        spans = [f"{c.start}-{c.stop - 1}" if len(c) > 1 else str(c.start) for chunks in lay.stage_chunks for c in chunks]
+        spans = [
+            f"{c.start}-{c.stop - 1}" if len(c) > 1 else str(c.start) for chunks in lay.stage_chunks for c in chunks
+        ]
         lines.append(f"  layer indices per stage: {', '.join(spans)}")
     if lay.num_experts:
         r = lay.local_experts(0)
@@ -132,7 +134,7 @@ def pipeline_lines(lay: Layout) -> List[str]:
     return lines
 
 
-def params_lines(cfg: R1Config, params: ModelParams) -> List[str]:
+def params_lines(cfg: R1Config, params: ModelParams) -> list[str]:
     """Total, activated and MTP parameter counts and FLOPs per token."""
     m = cfg.model
     lines = [
@@ -157,7 +159,7 @@ def params_lines(cfg: R1Config, params: ModelParams) -> List[str]:
     return lines
 
 
-def memory_lines(cfg: R1Config, lay: Layout, params: ModelParams) -> List[str]:
+def memory_lines(cfg: R1Config, lay: Layout, params: ModelParams) -> list[str]:
     """Parameters and model-state bytes on the busiest rank, with and without the distributed optimizer."""
     estimates = stage_memory(cfg, lay, params)
     pr = cfg.precision
@@ -179,7 +181,7 @@ def memory_lines(cfg: R1Config, lay: Layout, params: ModelParams) -> List[str]:
     return lines
 
 
-def report(cfg: R1Config, world_size: int, dp: int, shown: int) -> List[str]:
+def report(cfg: R1Config, world_size: int, dp: int, shown: int) -> list[str]:
     """Every line ``r1mega-check`` prints for a valid config."""
     lay = layout(cfg, world_size)
     params = count_params(cfg.model)
@@ -188,10 +190,16 @@ def report(cfg: R1Config, world_size: int, dp: int, shown: int) -> List[str]:
         f"r1mega-check: model {m.name} ({m.family}), {world_size} rank(s), precision {cfg.precision.dtype}; "
         f"config OK (DP {dp}, {o.global_batch_size // (o.micro_batch_size * dp)} micro-batch(es) per step)"
     )
-    return [header, *layout_lines(lay, shown), *pipeline_lines(lay), *params_lines(cfg, params), *memory_lines(cfg, lay, params)]
+    return [
+        header,
+        *layout_lines(lay, shown),
+        *pipeline_lines(lay),
+        *params_lines(cfg, params),
+        *memory_lines(cfg, lay, params),
+    ]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``r1mega-check``."""
     args = parse_args(argv)
     overrides = list(args.overrides)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-from typing import List, NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,7 +64,9 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(*_describe_hydra_error(e)) from None
+        key, value, valid = _describe_hydra_error(e)
+        value = _override_value(overrides, key, value)
+        raise ConfigError(key, value, valid) from None
     return to_typed(cfg)
 
 
@@ -76,7 +79,7 @@ def _describe_hydra_error(e: Exception) -> tuple:
     if isinstance(e, MissingConfigException) and missing:
         group, option = missing.groups()
         return group, option, f"one of {', '.join(available_options(group))}"
-    err: Optional[BaseException] = e
+    err: BaseException | None = e
     while err is not None and not (isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None)):
         err = err.__cause__ or err.__context__
     if err is None:
@@ -91,7 +94,16 @@ def _describe_hydra_error(e: Exception) -> tuple:
     return err.full_key, getattr(err, "value", None), f"a value of type {type_name.group(1)}" if type_name else first
 
 
-def available_options(group: str) -> List[str]:
+def _override_value(overrides: Sequence[str], key: str, fallback: object) -> object:
+    """The value the user wrote for ``key`` on the command line, if any."""
+    for item in overrides:
+        name, _, value = item.lstrip("+~").partition("=")
+        if name == key:
+            return value
+    return fallback
+
+
+def available_options(group: str) -> list[str]:
     """Names of the YAML presets in ``conf/<group>/``."""
     from importlib.resources import files
 

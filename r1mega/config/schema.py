@@ -12,7 +12,6 @@ typed object); checks that need several groups live in ``r1mega.config.validate`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from r1mega.config.errors import ConfigError
 
@@ -27,7 +26,7 @@ def _check_choice(key: str, value: object, choices: tuple) -> None:
         raise ConfigError(key, value, f"one of {', '.join(map(str, choices))}")
 
 
-def _check_positive(key: str, value: Optional[float], allow_none: bool = False) -> None:
+def _check_positive(key: str, value: float | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:
@@ -50,9 +49,9 @@ class ModelConfig:
     """Intermediate size of the dense (non-MoE) SwiGLU MLP."""
     num_attention_heads: int = 4
     """Attention heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means one per attention head (MHA)."""
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     """Per-head dimension for standard attention; None means hidden_size / num_attention_heads."""
     vocab_size: int = 512
     """Tokenizer vocabulary size (before padding)."""
@@ -70,7 +69,7 @@ class ModelConfig:
     """Bias on the Q/K/V projections (Qwen2)."""
     rotary_base: float = 10000.0
     """RoPE theta."""
-    rope_scaling: Optional[str] = None
+    rope_scaling: str | None = None
     """RoPE scaling: None, 'llama3' (Llama 3.1 frequency scaling) or 'yarn' (DeepSeek-V3, MLA only)."""
     rope_scaling_factor: float = 1.0
     """Context extension factor of the RoPE scaling (llama3: 8, yarn: 40 for DeepSeek-V3)."""
@@ -87,7 +86,7 @@ class ModelConfig:
 
     multi_latent_attention: bool = False
     """Use Multi-Head Latent Attention (low-rank compressed KV with decoupled RoPE)."""
-    q_lora_rank: Optional[int] = None
+    q_lora_rank: int | None = None
     """MLA query compression rank; None means queries are projected directly (no q-LoRA)."""
     kv_lora_rank: int = 512
     """MLA key/value latent rank (the part of the KV cache that is not the RoPE key)."""
@@ -98,23 +97,23 @@ class ModelConfig:
     v_head_dim: int = 128
     """MLA per-head value dimension."""
 
-    num_experts: Optional[int] = None
+    num_experts: int | None = None
     """Routed experts per MoE layer; None means a dense model."""
-    moe_ffn_hidden_size: Optional[int] = None
+    moe_ffn_hidden_size: int | None = None
     """Intermediate size of each routed expert."""
     moe_router_topk: int = 2
     """Routed experts chosen per token."""
-    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: int | None = None
     """Total intermediate size of the shared experts (n_shared x expert size); None: no shared expert."""
     moe_first_k_dense: int = 0
     """The first k layers use the dense MLP instead of MoE (DeepSeek-V3: 3)."""
     moe_router_score_function: str = "softmax"
     """Router score function: softmax or sigmoid (DeepSeek-V3)."""
-    moe_router_num_groups: Optional[int] = None
+    moe_router_num_groups: int | None = None
     """Expert groups for group-limited routing; None disables it."""
-    moe_router_group_topk: Optional[int] = None
+    moe_router_group_topk: int | None = None
     """Groups each token may route to under group-limited routing."""
-    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_topk_scaling_factor: float | None = None
     """Routed scaling factor applied to the top-k weights (DeepSeek-V3: 2.5)."""
     moe_router_enable_expert_bias: bool = False
     """Aux-loss-free load balancing: a per-expert bias added to scores for selection only."""
@@ -192,7 +191,7 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
-    def moe_layer_pattern(self) -> List[int]:
+    def moe_layer_pattern(self) -> list[int]:
         """1 for an MoE layer, 0 for a dense one, per decoder layer."""
         if not self.is_moe:
             return [0] * self.num_layers
@@ -203,23 +202,23 @@ class ModelConfig:
 class ParallelConfig:
     """Parallel layout. Data parallelism is what is left of the world size."""
 
-    world_size: Optional[int] = None
+    world_size: int | None = None
     """Expected number of processes. None: whatever the launcher starts. Set it to check a layout offline."""
     tensor_model_parallel_size: int = 1
     """Tensor parallelism (TP)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline parallelism (PP)."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved pipeline chunks per stage (VPP); None disables interleaving."""
-    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_first_pipeline_stage: int | None = None
     """Decoder layers on the first pipeline stage when the split is uneven (it also holds the embedding)."""
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: int | None = None
     """Decoder layers on the last pipeline stage when the split is uneven (it also holds output and MTP)."""
     context_parallel_size: int = 1
     """Context parallelism (CP)."""
     expert_model_parallel_size: int = 1
     """Expert parallelism (EP); experts are split over EP ranks carved out of DP x CP."""
-    expert_tensor_parallel_size: Optional[int] = None
+    expert_tensor_parallel_size: int | None = None
     """Tensor parallelism inside experts (ETP); None means the same as TP."""
     sequence_parallel: bool = False
     """Sequence parallelism over the TP group (required for MoE with TP > 1)."""
@@ -227,7 +226,7 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the gradient reduce-scatter/all-reduce with the backward pass."""
-    backend: Optional[str] = None
+    backend: str | None = None
     """torch.distributed backend; None: nccl with CUDA, gloo without."""
     timeout_minutes: int = 10
     """Collective timeout; a hung peer fails the run after this long."""
@@ -272,7 +271,7 @@ class PrecisionConfig:
 
     dtype: str = "fp32"
     """Parameter/compute dtype: fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
-    fp8: Optional[str] = None
+    fp8: str | None = None
     """FP8 format for linear layers (e4m3 or hybrid); needs Transformer Engine on a GPU."""
     fp8_recipe: str = "delayed"
     """FP8 scaling recipe: delayed, tensorwise, blockwise or mxfp8."""
@@ -337,13 +336,13 @@ class OptimConfig:
 class CheckpointConfig:
     """Distributed checkpoints."""
 
-    dir: Optional[str] = None
+    dir: str | None = None
     """Checkpoint folder; None means ``<run dir>/checkpoints``."""
     save_interval: int = 0
     """Save every N steps (0: only at the end and on preemption)."""
     keep_last: int = 2
     """Complete checkpoints to keep."""
-    load: Optional[str] = None
+    load: str | None = None
     """Checkpoint to start from (weights only) when the run has none of its own to resume."""
 
     def __post_init__(self) -> None:

@@ -7,7 +7,6 @@ in a second with one line naming the key, the value and what would be valid (``C
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
@@ -42,7 +41,7 @@ def data_parallel_size(cfg: R1Config, world_size: int) -> int:
     return world_size // p.model_parallel_size
 
 
-def pipeline_stage_layers(cfg: R1Config) -> List[int]:
+def pipeline_stage_layers(cfg: R1Config) -> list[int]:
     """Decoder layers on each pipeline stage (before virtual-pipeline chunking)."""
     p, n = cfg.parallel, cfg.model.num_layers
     pp = p.pipeline_model_parallel_size
@@ -58,7 +57,7 @@ def pipeline_stage_layers(cfg: R1Config) -> List[int]:
     return layers
 
 
-def validate(cfg: R1Config, world_size: Optional[int] = None, accel: Optional[Accelerator] = None) -> int:
+def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | None = None) -> int:
     """Check the whole config for ``world_size`` processes; returns the data-parallel size.
 
     ``world_size`` is the launcher's; None uses ``parallel.world_size`` (offline checks).
@@ -111,8 +110,10 @@ def _validate_layout(cfg: R1Config, world_size: int) -> None:
             )
     if p.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel", True, "false when parallel.tensor_model_parallel_size=1")
-    if m.is_moe and tp > 1 and not p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel", False, "true: megatron-core MoE with TP > 1 needs sequence parallelism")
+    if (m.is_moe or m.multi_latent_attention) and tp > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel", False, "true: MoE and MLA with TP > 1 need sequence parallelism (megatron-core)"
+        )
     if cp > 1:
         raise ConfigError(
             "parallel.context_parallel_size", cp, "1: context parallelism needs Transformer Engine attention (not wired yet)"

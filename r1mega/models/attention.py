@@ -11,7 +11,7 @@ boundaries from ``PackedSeqParams.cu_seqlens_q``) through a block-diagonal causa
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,12 @@ class SDPACoreAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        k_channels: Optional[int] = None,
-        v_channels: Optional[int] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -58,10 +58,10 @@ class SDPACoreAttention(MegatronModule):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
         **unused: Any,
     ) -> Tensor:
         if attention_bias is not None:
@@ -92,12 +92,12 @@ class SDPACoreAttention(MegatronModule):
         sq: int,
         sk: int,
         causal: bool,
-        attention_mask: Optional[Tensor],
-        packed: Optional[PackedSeqParams],
+        attention_mask: Tensor | None,
+        packed: PackedSeqParams | None,
         device: torch.device,
-    ) -> Optional[Tensor]:
+    ) -> Tensor | None:
         """A boolean "may attend" mask broadcastable to (b, n, sq, sk), or None for plain causal."""
-        allowed: Optional[Tensor] = None
+        allowed: Tensor | None = None
         if causal and sq != sk:  # queries are the last sq positions of sk keys (KV-cached decoding)
             q_pos = torch.arange(sk - sq, sk, device=device)
             allowed = q_pos[:, None] >= torch.arange(sk, device=device)[None, :]  # (sq, sk)

@@ -9,7 +9,7 @@ parallel state, initialised by ``r1mega.parallel.bootstrap``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ def use_transformer_engine(cfg: R1Config) -> bool:
     return accel.cuda and accel.transformer_engine if impl == "auto" else True
 
 
-def _moe_kwargs(cfg: R1Config, use_te: bool) -> Dict[str, Any]:
+def _moe_kwargs(cfg: R1Config, use_te: bool) -> dict[str, Any]:
     m = cfg.model
     if not m.is_moe:
         return {}
@@ -60,7 +60,7 @@ def _moe_kwargs(cfg: R1Config, use_te: bool) -> Dict[str, Any]:
     )
 
 
-def _mla_kwargs(cfg: R1Config) -> Dict[str, Any]:
+def _mla_kwargs(cfg: R1Config) -> dict[str, Any]:
     m = cfg.model
     return dict(
         q_lora_rank=m.q_lora_rank,
@@ -86,7 +86,7 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
     use_te = use_transformer_engine(cfg)
     cuda = torch.cuda.is_available()
     dtype = _DTYPES[pr.dtype]
-    kwargs: Dict[str, Any] = dict(
+    kwargs: dict[str, Any] = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -136,7 +136,7 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: R1Config, config: Optional[TransformerConfig] = None) -> List[GPTModel]:
+def build_model(cfg: R1Config, config: TransformerConfig | None = None) -> list[GPTModel]:
     """One ``GPTModel`` per virtual pipeline stage held by this rank (a list of one without VPP).
 
     Needs megatron-core's parallel state (``r1mega.parallel.bootstrap``). Parameters are fp32 or bf16
@@ -147,7 +147,7 @@ def build_model(cfg: R1Config, config: Optional[TransformerConfig] = None) -> Li
     use_te = use_transformer_engine(cfg)
     m = cfg.model
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-    chunks: List[GPTModel] = []
+    chunks: list[GPTModel] = []
     for vp_stage in range(vpp) if vpp else [None]:
         block = spec.decoder_block_spec(config, use_te, vp_stage=vp_stage)
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -172,7 +172,7 @@ def build_model(cfg: R1Config, config: Optional[TransformerConfig] = None) -> Li
     return chunks
 
 
-def describe(config: TransformerConfig) -> Dict[str, Any]:
+def describe(config: TransformerConfig) -> dict[str, Any]:
     """The non-default megatron-core settings, for logs and checkpoint metadata."""
     defaults = type(config).__dataclass_fields__
     out = {}

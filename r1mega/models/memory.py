@@ -3,7 +3,8 @@
 Pure Python (no torch, no megatron-core). What one rank of pipeline stage ``s`` holds:
 
 * its decoder layers, with tensor-parallel weights divided by TP, norms and the router in full on every TP
-  rank, and routed experts divided by EP x ETP;
+  rank, and routed experts divided by EP x ETP (local layer specs, which split MLA's down-projections
+  over TP too; Transformer Engine's MLA spec replicates them instead, a few percent more per rank at TP > 1);
 * stage 0: the word embedding (vocabulary-parallel, divided by TP);
 * the last stage: the final norm, the output layer (also when tied to the embedding but PP > 1, where
   megatron-core keeps a copy there), the MTP layers, and with MTP and PP > 1 a copy of the embedding
@@ -20,7 +21,6 @@ group: DP x CP for dense parameters, expert-DP for expert parameters. Gradients 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
 
 from r1mega.config.schema import R1Config
 from r1mega.models.params import ModelParams, count_params
@@ -37,7 +37,7 @@ class StageParams:
 
     stage: int
     """Pipeline stage."""
-    layers: List[int]
+    layers: list[int]
     """Decoder-layer indices of the stage (all its virtual chunks)."""
     dense: int
     """Non-expert parameters on one rank (tensor-parallel parts divided by TP)."""
@@ -54,13 +54,13 @@ class StageParams:
         return self.dense + self.expert
 
 
-def stage_params(cfg: R1Config, lay: Layout, params: ModelParams | None = None) -> List[StageParams]:
+def stage_params(cfg: R1Config, lay: Layout, params: ModelParams | None = None) -> list[StageParams]:
     """Parameters per rank for every pipeline stage."""
     m = cfg.model
     params = params or count_params(m)
     tp, ep_etp, pp = lay.tp, lay.ep * lay.etp, lay.pp
     vocab_per_rank = _ceil_div(params.embedding, tp)
-    out: List[StageParams] = []
+    out: list[StageParams] = []
     for s, chunks in enumerate(lay.stage_chunks):
         indices = [i for chunk in chunks for i in chunk]
         held = [params.layers[i] for i in indices]
@@ -115,7 +115,7 @@ def bytes_per_param(cfg: R1Config) -> tuple[int, int, int]:
     return weight, grad, optimizer
 
 
-def stage_memory(cfg: R1Config, lay: Layout, params: ModelParams | None = None) -> List[MemoryEstimate]:
+def stage_memory(cfg: R1Config, lay: Layout, params: ModelParams | None = None) -> list[MemoryEstimate]:
     """Model-state bytes per rank for every pipeline stage."""
     weight, grad, optim = bytes_per_param(cfg)
     estimates = []
@@ -133,6 +133,6 @@ def stage_memory(cfg: R1Config, lay: Layout, params: ModelParams | None = None) 
     return estimates
 
 
-def peak_memory(estimates: List[MemoryEstimate], distributed: bool) -> MemoryEstimate:
+def peak_memory(estimates: list[MemoryEstimate], distributed: bool) -> MemoryEstimate:
     """The stage whose ranks need the most model-state memory."""
     return max(estimates, key=lambda e: e.total_distributed if distributed else e.total)

@@ -24,7 +24,6 @@ Conventions (the DeepSeek-V3 report's, so that V3 comes out as 671B total / 37B 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
 
 from r1mega.config.schema import ModelConfig
 
@@ -95,9 +94,9 @@ class LayerParams:
 class ModelParams:
     """Parameter counts of a whole model; see the module docstring for what each total includes."""
 
-    layers: List[LayerParams]
+    layers: list[LayerParams]
     """Decoder layers, in order."""
-    mtp_layers: List[LayerParams]
+    mtp_layers: list[LayerParams]
     """Multi-token-prediction layers (empty without MTP)."""
     embedding: int
     """Word embedding (padded vocabulary x hidden); split over TP ranks."""

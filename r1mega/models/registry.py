@@ -6,7 +6,6 @@ A lookup miss lists the valid names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
 
 
 @dataclass(frozen=True)
@@ -18,11 +17,11 @@ class ModelFamily:
     """``architectures[0]`` in a Hugging Face ``config.json``."""
     hf_model_type: str
     """``model_type`` in a Hugging Face ``config.json``."""
-    presets: Tuple[str, ...]
+    presets: tuple[str, ...]
     """``conf/model/`` presets of this family."""
 
 
-FAMILIES: Dict[str, ModelFamily] = {
+FAMILIES: dict[str, ModelFamily] = {
     f.name: f
     for f in (
         ModelFamily("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v3", ("dsv3_tiny", "deepseek_v3")),

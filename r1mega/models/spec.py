@@ -8,15 +8,19 @@ GPU, megatron-core's local layers otherwise. Model classes never branch on the p
 
 from __future__ import annotations
 
-from typing import List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
     get_gpt_mtp_block_spec_for_backend,
     get_mlp_module_spec_for_backend,
 )
+from megatron.core.post_training.modelopt.layers import Linear
+from megatron.core.transformer import multi_latent_attention as _mla_module
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -32,7 +36,6 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from r1mega.models.attention import SDPACoreAttention
 
@@ -49,6 +52,30 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel
+
+
+class DuplicatedLinear(Linear):
+    """A linear layer whose full weight every TP rank holds: TE's ``parallel_mode="duplicated"`` without TE.
+
+    MLA's down-projections must be this, not column-parallel. megatron-core 0.16.1's local MLA path
+    splits ``linear_kv_down_proj`` over TP and gathers its output, which leaves the gradient of the
+    shared RoPE key (``k_pos_emb``) summed over only one rank's heads: TP=2 then gives gradients up to
+    ~1% off the TP=1 ones (tests/parallel/test_parity.py caught it). With a duplicated weight and the
+    sequence-parallel gather megatron applies to ``k_pos_emb``, the gradient is reduced over TP, and the
+    weight's own gradient is summed over TP by ``finalize_model_grads`` (``sequence_parallel`` is set).
+    Checkpoints are unchanged: the weight is stored as the same global tensor either way.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig, init_method: Callable, **kwargs: Any) -> None:
+        super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
+        if config.perform_initialization:
+            with torch.no_grad():
+                init_method(self.weight)
+
+
+# MLASelfAttention accepts a down-projection class only if it is the `Linear` its module imported;
+# point that name at DuplicatedLinear (a subclass) so the local spec can use it.
+_mla_module.Linear = DuplicatedLinear
 
 
 class R1LocalSpecProvider(LocalSpecProvider):
@@ -72,9 +99,9 @@ def _local_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=MLASelfAttentionSubmodules(
                 linear_q_proj=backend.column_parallel_linear(),
-                linear_q_down_proj=backend.column_parallel_linear(),
+                linear_q_down_proj=DuplicatedLinear,
                 linear_q_up_proj=backend.column_parallel_linear(),
-                linear_kv_down_proj=backend.column_parallel_linear(),
+                linear_kv_down_proj=DuplicatedLinear,
                 linear_kv_up_proj=backend.column_parallel_linear(),
                 core_attention=backend.core_attention(),
                 linear_proj=backend.row_parallel_linear(),
@@ -117,7 +144,7 @@ def _te_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
     )
 
 
-def layer_pattern(config: TransformerConfig) -> List[int]:
+def layer_pattern(config: TransformerConfig) -> list[int]:
     """1 for an MoE layer, 0 for a dense one, over all decoder layers."""
     freq = config.moe_layer_freq
     if config.num_moe_experts is None:
@@ -128,7 +155,7 @@ def layer_pattern(config: TransformerConfig) -> List[int]:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+    config: TransformerConfig, use_te: bool, vp_stage: int | None = None, pp_rank: int | None = None
 ) -> TransformerBlockSubmodules:
     """The decoder layers this pipeline stage (and virtual stage) builds, with the final norm."""
     make = _te_layer_spec if use_te else _local_layer_spec
@@ -146,8 +173,8 @@ def decoder_block_spec(
 
 
 def mtp_block_spec(
-    config: TransformerConfig, block: TransformerBlockSubmodules, use_te: bool, vp_stage: Optional[int] = None
-) -> Optional[ModuleSpec]:
+    config: TransformerConfig, block: TransformerBlockSubmodules, use_te: bool, vp_stage: int | None = None
+) -> ModuleSpec | None:
     """Multi-token-prediction layers (built on the last pipeline stage only), or None."""
     if not config.mtp_num_layers:
         return None

@@ -12,9 +12,9 @@ import contextlib
 import os
 import re
 import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """The launcher's view of this process: torchrun's variables first, then Slurm's, else one process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -109,7 +109,7 @@ class ParallelContext:
         return self.launch.rank == 0
 
 
-def initialize(cfg: R1Config, launch: Optional[LaunchEnv] = None) -> ParallelContext:
+def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContext:
     """Validate the config for this world size, open the process group and megatron-core's parallel state."""
     launch = launch or read_launch_env()
     dp = validate(cfg, launch.world_size)  # fails before any collective if the layout cannot work

@@ -25,7 +25,9 @@ The accommodations:
    CUDA tensors; gloo's ``all_to_all_single`` rejects tensor split sizes (EP > 1).
 5. ``missing_te_gemm``: without Transformer Engine, ``moe_utils.te_general_gemm`` is never defined and
    every router fails with NameError; it is defined as None.
-6. ``te_stand_ins``: without TE, megatron-core's TE extension module still imports with mock classes,
+6. ``tensor_cuda_calls``: ``.cuda()`` on the embedding shared between the first and last pipeline
+   stages (tied embeddings, or MTP on the last stage) is dropped.
+7. ``te_stand_ins``: without TE, megatron-core's TE extension module still imports with mock classes,
    and MLA then calls ``isinstance`` with a mock; MLA is told TE is absent.
 
 Fusions that need TE or apex are switched off in the model config (``r1mega.models.builder``), and
@@ -40,11 +42,17 @@ import inspect
 import sys
 import textwrap
 import types
-from typing import Any, Callable, Dict, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-SHIMMED_MODULES: List[str] = [
+SHIMMED_MODULES: list[str] = [
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.torch",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.models.common.embeddings.rope_utils",
@@ -54,16 +62,26 @@ SHIMMED_MODULES: List[str] = [
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.parallel_state",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.tensor_parallel.data",
     "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.mlp",
     "megatron.core.transformer.module",
     "megatron.core.transformer.moe.experts",
     "megatron.core.transformer.moe.moe_utils",
     "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.shared_experts",
     "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.transformer.multi_token_prediction",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.utils",
     "megatron.core.utils",
 ]
 """megatron-core modules that create CUDA tensors or use CUDA streams on r1mega's training paths."""
@@ -92,7 +110,7 @@ class _NullStream:
     def wait_event(self, event: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> "_NullStream":
+    def record_event(self, event: Any = None) -> _NullStream:
         return _NullStream()
 
     def record(self, stream: Any = None) -> None:
@@ -222,7 +240,7 @@ def _rewrite(owner: Any, attr: str, old: str, new: str) -> None:
     lines = source.splitlines()
     while lines[0].lstrip().startswith("@"):  # drop decorators; re-wrapped below
         lines.pop(0)
-    namespace: Dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
     code = compile("\n".join(lines), inspect.getsourcefile(func) or "<cpu_compat>", "exec")
     exec(code, {**func.__globals__, owner.__name__: owner} if isinstance(owner, type) else func.__globals__, namespace)  # noqa: S102 - recompiling megatron-core's own source
     new_func = namespace[func.__name__]
@@ -246,6 +264,11 @@ def _fp32_type_checks() -> None:
     _rewrite(optimizer.Float16OptimizerWithFloat16Params, "__init__", _FLOAT_CHECK, _FLOAT_CHECK_CPU)
     _rewrite(distrib.DistributedOptimizer, "_build_model_and_main_param_groups", _FLOAT_CHECK, _FLOAT_CHECK_CPU)
     _rewrite(clip, "clip_grad_by_total_norm_fp32", _FLOAT_CHECK, _FLOAT_CHECK_CPU)
+
+
+def _tensor_cuda_calls() -> None:
+    language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    _rewrite(language_module.LanguageModule, "setup_embeddings_and_output_layer", "weight.data.cuda()", "weight.data")
 
 
 def _alltoall_split_sizes() -> None:
@@ -275,20 +298,21 @@ def _te_stand_ins() -> None:
     mla.HAVE_TE = False
 
 
-ACCOMMODATIONS: Dict[str, Callable[[], None]] = {
+ACCOMMODATIONS: dict[str, Callable[[], None]] = {
     "cuda_device_shim": _shim_modules,
     "cuda_rng_tracker": _rng_tracker,
     "fp32_type_checks": _fp32_type_checks,
     "alltoall_split_sizes": _alltoall_split_sizes,
+    "tensor_cuda_calls": _tensor_cuda_calls,
     "missing_te_gemm": _missing_te_gemm,
     "te_stand_ins": _te_stand_ins,
 }
 """Name -> installer. tests/parallel/test_cpu_compat.py holds a probe per name."""
 
-_APPLIED: List[str] = []
+_APPLIED: list[str] = []
 
 
-def apply(force: bool = False, only: List[str] | None = None) -> List[str]:
+def apply(force: bool = False, only: list[str] | None = None) -> list[str]:
     """Install the accommodations (once) when CUDA is absent; returns the names installed."""
     if torch.cuda.is_available() and not force:
         return []

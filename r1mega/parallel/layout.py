@@ -13,8 +13,8 @@ megatron-core's ``get_transformer_layer_offset``, and the experts of each expert
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import data_parallel_size, pipeline_stage_layers
@@ -23,7 +23,7 @@ ORDER = ("tp", "cp", "ep", "dp", "pp")
 """megatron-core's default rank order (``initialize_model_parallel(order="tp-cp-ep-dp-pp")``), fastest first."""
 
 
-def _offsets(dims: Sequence[tuple[int, int]]) -> List[int]:
+def _offsets(dims: Sequence[tuple[int, int]]) -> list[int]:
     """All sums ``sum(i_k * stride_k)`` with ``0 <= i_k < size_k``, the first dimension varying fastest."""
     out = [0]
     for size, stride in dims:
@@ -31,7 +31,7 @@ def _offsets(dims: Sequence[tuple[int, int]]) -> List[int]:
     return out
 
 
-def rank_groups(sizes: Dict[str, int], token: str) -> List[List[int]]:
+def rank_groups(sizes: dict[str, int], token: str) -> list[list[int]]:
     """The rank groups megatron-core's ``RankGenerator(...).get_ranks(token)`` returns.
 
     ``sizes`` gives each name of ``ORDER`` its size; ``token`` is names joined by '-' (``"tp"``,
@@ -74,15 +74,15 @@ class Layout:
     """Data-parallel size of the experts (world / (ETP x EP x PP))."""
     vpp: int
     """Virtual-pipeline chunks per stage (1 without interleaving)."""
-    groups: Dict[str, List[List[int]]]
+    groups: dict[str, list[list[int]]]
     """Rank groups by kind: tp, pp, dp, dp_cp, cp, ep, expert_tp, expert_dp."""
-    stage_chunks: List[List[range]]
+    stage_chunks: list[list[range]]
     """Per pipeline stage, per virtual chunk: the decoder-layer indices it holds."""
-    num_experts: Optional[int]
+    num_experts: int | None
     """Routed experts per MoE layer; None for a dense model."""
 
     @property
-    def stage_layers(self) -> List[int]:
+    def stage_layers(self) -> list[int]:
         """Decoder layers per pipeline stage (all its virtual chunks together)."""
         return [sum(len(chunk) for chunk in chunks) for chunks in self.stage_chunks]
 
@@ -135,7 +135,7 @@ def layer_offset(cfg: R1Config, pp_rank: int, vp_stage: int = 0) -> int:
     return vp_stage * (first_chunk + middle_chunk + last_chunk) + first_chunk + middle_rank * per_middle
 
 
-def stage_chunks(cfg: R1Config) -> List[List[range]]:
+def stage_chunks(cfg: R1Config) -> list[list[range]]:
     """Decoder layers of every (pipeline stage, virtual chunk), as index ranges."""
     vpp = cfg.parallel.vpp
     counts = pipeline_stage_layers(cfg)

@@ -10,9 +10,10 @@ parallel norm grads, and the aux-loss-free expert-bias update).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.config.schema import R1Config
 
-Batch = Dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
 """tokens, labels, loss_mask (b, s) and position_ids (b, s)."""
 
 
@@ -36,7 +37,7 @@ class Trainer:
 
     cfg: R1Config
     config: TransformerConfig
-    model: List[DistributedDataParallel]
+    model: list[DistributedDataParallel]
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     data_parallel_size: int
@@ -47,7 +48,7 @@ class Trainer:
         return o.global_batch_size // (o.micro_batch_size * self.data_parallel_size)
 
 
-def wrap_model(cfg: R1Config, config: TransformerConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
+def wrap_model(cfg: R1Config, config: TransformerConfig, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
     """Float16Module (bf16) and megatron DDP around each chunk, as megatron's ``get_model`` does."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
@@ -72,7 +73,7 @@ def wrap_model(cfg: R1Config, config: TransformerConfig, chunks: List[torch.nn.M
     return wrapped
 
 
-def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: List[torch.nn.Module], dp: int) -> Trainer:
+def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: list[torch.nn.Module], dp: int) -> Trainer:
     """Wrap ``chunks`` and create the optimizer and LR schedule."""
     o = cfg.optim
     model = wrap_model(cfg, config, chunks)
@@ -111,7 +112,7 @@ def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: List[torch.n
     return Trainer(cfg, config, model, optimizer, scheduler, dp)
 
 
-def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Masked next-token loss: (sum over unmasked tokens, token count, report)."""
     losses = output.float()  # (b, s) per-token cross entropy from GPTModel
     mask = loss_mask.float()
@@ -120,7 +121,7 @@ def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> Tuple[torch.Tensor
     return total, count.to(torch.int), {"lm_loss": torch.stack([total.detach(), count.detach()])}
 
 
-def lm_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> Tuple[torch.Tensor, Callable]:
+def lm_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     """The forward step megatron's schedules call once per micro-batch."""
     batch = next(data_iterator)
     output = model(
@@ -139,7 +140,7 @@ def forward_backward(
     forward_step: Callable = lm_forward_step,
     forward_only: bool = False,
     keys: Sequence[str] = ("lm_loss",),
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Run all micro-batches of one global batch; returns token-mean losses over the whole world."""
     cfg = trainer.cfg
     fb = get_forward_backward_func()
@@ -157,7 +158,7 @@ def forward_backward(
     return reduce_reports(reports, keys)
 
 
-def reduce_reports(reports: List[Dict[str, torch.Tensor]], keys: Sequence[str] = ("lm_loss",)) -> Dict[str, float]:
+def reduce_reports(reports: list[dict[str, torch.Tensor]], keys: Sequence[str] = ("lm_loss",)) -> dict[str, float]:
     """Sum each (total, count) report over micro-batches and ranks: one token mean per key, on every rank.
 
     Only the last pipeline stage has reports and TP ranks hold copies, so TP rank 0 contributes; the
@@ -190,7 +191,7 @@ def grads_finite(trainer: Trainer) -> bool:
     return bad.item() == 0
 
 
-def train_step(trainer: Trainer, batches: Iterator[Batch], forward_step: Callable = lm_forward_step) -> Dict[str, float]:
+def train_step(trainer: Trainer, batches: Iterator[Batch], forward_step: Callable = lm_forward_step) -> dict[str, float]:
     """Zero grads, forward-backward over the global batch, then step unless anything is non-finite."""
     for model in trainer.model:
         model.zero_grad_buffer()

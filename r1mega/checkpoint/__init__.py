@@ -1,0 +1,1 @@
+"""megatron-core distributed checkpoints: reshardable across TP/PP/EP layouts."""

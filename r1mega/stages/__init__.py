@@ -1,0 +1,19 @@
+"""Stages of the R1 pipeline; each is a small class the shared loop drives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Dict
+
+from r1mega.stages.base import Stage
+from r1mega.stages.pretrain import PretrainStage
+
+STAGES: dict[str, Callable[..., Stage]] = {"pretrain": PretrainStage}
+
+
+def get_stage(name: str) -> Callable[..., Stage]:
+    """The stage class called ``name``; an unknown name lists the valid ones."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; valid: {', '.join(sorted(STAGES))}") from None
