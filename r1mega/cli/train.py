@@ -1,8 +1,8 @@
 """``r1mega-train``: the Hydra app for every stage.
 
-    r1mega-train                                   # tiny DeepSeek-V3-style model, one process
-    torchrun --nproc-per-node 2 -m r1mega.cli.train parallel=tp2
-    srun -n 2 r1mega-train parallel=ep2            # Slurm, no torchrun needed
+r1mega-train                                   # tiny DeepSeek-V3-style model, one process
+torchrun --nproc-per-node 2 -m r1mega.cli.train parallel=tp2
+srun -n 2 r1mega-train parallel=ep2            # Slurm, no torchrun needed
 """
 
 from __future__ import annotations

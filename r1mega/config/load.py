@@ -46,7 +46,9 @@ def _reject_unknown_keys(cfg: DictConfig, schema: type, prefix: str) -> None:
 
 
 _DATACLASS_FIELDS = {
-    (R1Config, f.name): f.default_factory for f in dataclasses.fields(R1Config) if dataclasses.is_dataclass(f.default_factory)
+    (R1Config, f.name): f.default_factory
+    for f in dataclasses.fields(R1Config)
+    if dataclasses.is_dataclass(f.default_factory)
 }
 
 

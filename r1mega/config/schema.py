@@ -145,31 +145,51 @@ class ModelConfig:
         _check_choice("model.moe_token_dispatcher_type", self.moe_token_dispatcher_type, ("alltoall", "allgather"))
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
-                "model.num_query_groups", self.num_query_groups, f"a divisor of model.num_attention_heads={self.num_attention_heads}"
+                "model.num_query_groups",
+                self.num_query_groups,
+                f"a divisor of model.num_attention_heads={self.num_attention_heads}",
             )
         if self.rope_scaling == "yarn" and not self.multi_latent_attention:
-            raise ConfigError("model.rope_scaling", "yarn", "yarn only with model.multi_latent_attention=true (use llama3 or null)")
+            raise ConfigError(
+                "model.rope_scaling", "yarn", "yarn only with model.multi_latent_attention=true (use llama3 or null)"
+            )
         if self.num_experts is not None:
             _check_positive("model.num_experts", self.num_experts)
             _check_positive("model.moe_ffn_hidden_size", self.moe_ffn_hidden_size)
             if not 1 <= self.moe_router_topk <= self.num_experts:
-                raise ConfigError("model.moe_router_topk", self.moe_router_topk, f"between 1 and model.num_experts={self.num_experts}")
+                raise ConfigError(
+                    "model.moe_router_topk", self.moe_router_topk, f"between 1 and model.num_experts={self.num_experts}"
+                )
             if not 0 <= self.moe_first_k_dense < self.num_layers:
-                raise ConfigError("model.moe_first_k_dense", self.moe_first_k_dense, f"between 0 and model.num_layers-1={self.num_layers - 1}")
+                raise ConfigError(
+                    "model.moe_first_k_dense",
+                    self.moe_first_k_dense,
+                    f"between 0 and model.num_layers-1={self.num_layers - 1}",
+                )
             if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
                 raise ConfigError(
-                    "model.moe_router_group_topk", self.moe_router_group_topk, "set together with model.moe_router_num_groups (both or neither)"
+                    "model.moe_router_group_topk",
+                    self.moe_router_group_topk,
+                    "set together with model.moe_router_num_groups (both or neither)",
                 )
             if self.moe_router_num_groups is not None and self.num_experts % self.moe_router_num_groups:
                 raise ConfigError(
-                    "model.moe_router_num_groups", self.moe_router_num_groups, f"a divisor of model.num_experts={self.num_experts}"
+                    "model.moe_router_num_groups",
+                    self.moe_router_num_groups,
+                    f"a divisor of model.num_experts={self.num_experts}",
                 )
             if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
                 raise ConfigError(
-                    "model.moe_router_enable_expert_bias", True, "only with model.moe_router_score_function=sigmoid (as DeepSeek-V3)"
+                    "model.moe_router_enable_expert_bias",
+                    True,
+                    "only with model.moe_router_score_function=sigmoid (as DeepSeek-V3)",
                 )
         elif self.moe_first_k_dense or self.moe_shared_expert_intermediate_size:
-            raise ConfigError("model.num_experts", None, "a number of experts when MoE options (moe_first_k_dense, shared experts) are set")
+            raise ConfigError(
+                "model.num_experts",
+                None,
+                "a number of experts when MoE options (moe_first_k_dense, shared experts) are set",
+            )
         if self.mtp_num_layers < 0:
             raise ConfigError("model.mtp_num_layers", self.mtp_num_layers, "0 or more")
 
@@ -329,7 +349,9 @@ class OptimConfig:
         if self.clip_grad < 0:
             raise ConfigError("optim.clip_grad", self.clip_grad, "0 (off) or a positive norm")
         if not 0 <= self.lr_warmup_steps <= self.train_steps:
-            raise ConfigError("optim.lr_warmup_steps", self.lr_warmup_steps, f"between 0 and optim.train_steps={self.train_steps}")
+            raise ConfigError(
+                "optim.lr_warmup_steps", self.lr_warmup_steps, f"between 0 and optim.train_steps={self.train_steps}"
+            )
 
 
 @dataclass

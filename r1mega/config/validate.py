@@ -101,7 +101,9 @@ def _validate_layout(cfg: R1Config, world_size: int) -> None:
         raise ConfigError("parallel.expert_model_parallel_size", ep, f"1 for the dense model '{m.name}'")
     if m.is_moe:
         if m.num_experts % ep:
-            raise ConfigError("parallel.expert_model_parallel_size", ep, f"a divisor of model.num_experts={m.num_experts}")
+            raise ConfigError(
+                "parallel.expert_model_parallel_size", ep, f"a divisor of model.num_experts={m.num_experts}"
+            )
         if (tp * cp * dp) % (ep * etp):
             raise ConfigError(
                 "parallel.expert_model_parallel_size",
@@ -112,11 +114,15 @@ def _validate_layout(cfg: R1Config, world_size: int) -> None:
         raise ConfigError("parallel.sequence_parallel", True, "false when parallel.tensor_model_parallel_size=1")
     if (m.is_moe or m.multi_latent_attention) and tp > 1 and not p.sequence_parallel:
         raise ConfigError(
-            "parallel.sequence_parallel", False, "true: MoE and MLA with TP > 1 need sequence parallelism (megatron-core)"
+            "parallel.sequence_parallel",
+            False,
+            "true: MoE and MLA with TP > 1 need sequence parallelism (megatron-core)",
         )
     if cp > 1:
         raise ConfigError(
-            "parallel.context_parallel_size", cp, "1: context parallelism needs Transformer Engine attention (not wired yet)"
+            "parallel.context_parallel_size",
+            cp,
+            "1: context parallelism needs Transformer Engine attention (not wired yet)",
         )
 
 
@@ -140,7 +146,9 @@ def _validate_model_split(cfg: R1Config, dp: int) -> None:
             raise ConfigError(key, value, f"{what} divisible by the tensor-parallel size {divisor}")
     seq = cfg.data.seq_length
     if p.sequence_parallel and seq % tp:
-        raise ConfigError("data.seq_length", seq, f"a multiple of parallel.tensor_model_parallel_size={tp} (sequence parallel)")
+        raise ConfigError(
+            "data.seq_length", seq, f"a multiple of parallel.tensor_model_parallel_size={tp} (sequence parallel)"
+        )
 
 
 def _validate_pipeline(cfg: R1Config) -> None:
@@ -163,10 +171,18 @@ def _validate_pipeline(cfg: R1Config) -> None:
             f"model.num_layers={m.num_layers} divisible by PP x VPP = {pp * vpp}, or an uneven split with "
             "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
         )
-        key = "parallel.pipeline_model_parallel_size" if first is None and last is None else "parallel.num_layers_in_first_pipeline_stage"
+        key = (
+            "parallel.pipeline_model_parallel_size"
+            if first is None and last is None
+            else "parallel.num_layers_in_first_pipeline_stage"
+        )
         raise ConfigError(key, pp if first is None and last is None else first, hint)
     if min(pipeline_stage_layers(cfg)) < 1 and vpp == 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size", pp, f"at most one stage per layer (model.num_layers={m.num_layers})")
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size",
+            pp,
+            f"at most one stage per layer (model.num_layers={m.num_layers})",
+        )
 
 
 def _validate_precision(cfg: R1Config, accel: Accelerator) -> None:
@@ -174,11 +190,15 @@ def _validate_precision(cfg: R1Config, accel: Accelerator) -> None:
     te_ok = accel.cuda and accel.transformer_engine
     if pr.fp8 is not None and not te_ok:
         raise ConfigError(
-            "precision.fp8", pr.fp8, "null on this machine: FP8 needs Transformer Engine on a CUDA GPU (use precision=bf16)"
+            "precision.fp8",
+            pr.fp8,
+            "null on this machine: FP8 needs Transformer Engine on a CUDA GPU (use precision=bf16)",
         )
     if pr.transformer_impl == "transformer_engine" and not te_ok:
         raise ConfigError(
-            "precision.transformer_impl", pr.transformer_impl, "auto or local: Transformer Engine needs a CUDA GPU with TE installed"
+            "precision.transformer_impl",
+            pr.transformer_impl,
+            "auto or local: Transformer Engine needs a CUDA GPU with TE installed",
         )
 
 

@@ -26,7 +26,10 @@ FAMILIES: dict[str, ModelFamily] = {
     for f in (
         ModelFamily("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v3", ("dsv3_tiny", "deepseek_v3")),
         ModelFamily(
-            "qwen2", "Qwen2ForCausalLM", "qwen2", ("qwen2_tiny", "qwen2_5_1_5b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b")
+            "qwen2",
+            "Qwen2ForCausalLM",
+            "qwen2",
+            ("qwen2_tiny", "qwen2_5_1_5b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b"),
         ),
         ModelFamily("llama", "LlamaForCausalLM", "llama", ("llama_tiny", "llama3_1_8b", "llama3_3_70b")),
     )

@@ -66,7 +66,9 @@ class DuplicatedLinear(Linear):
     Checkpoints are unchanged: the weight is stored as the same global tensor either way.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig, init_method: Callable, **kwargs: Any) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, *, config: TransformerConfig, init_method: Callable, **kwargs: Any
+    ) -> None:
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
         if config.perform_initialization:
             with torch.no_grad():

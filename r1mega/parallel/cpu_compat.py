@@ -233,7 +233,9 @@ def _rewrite(owner: Any, attr: str, old: str, new: str) -> None:
     func = fn.__func__ if wrapper else fn
     source = textwrap.dedent(inspect.getsource(func))
     if old not in source:
-        raise RuntimeError(f"r1mega.cpu_compat: {func.__qualname__} no longer contains {old!r}; update the accommodation")
+        raise RuntimeError(
+            f"r1mega.cpu_compat: {func.__qualname__} no longer contains {old!r}; update the accommodation"
+        )
     source = source.replace(old, new)
     if "__class__" in func.__code__.co_freevars:  # bare super() needs the class cell: name the class
         source = source.replace("super()", f"super({owner.__name__}, self)")

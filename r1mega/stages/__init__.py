@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Dict
 
 from r1mega.stages.base import Stage
 from r1mega.stages.pretrain import PretrainStage

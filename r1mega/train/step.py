@@ -48,7 +48,9 @@ class Trainer:
         return o.global_batch_size // (o.micro_batch_size * self.data_parallel_size)
 
 
-def wrap_model(cfg: R1Config, config: TransformerConfig, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
+def wrap_model(
+    cfg: R1Config, config: TransformerConfig, chunks: list[torch.nn.Module]
+) -> list[DistributedDataParallel]:
     """Float16Module (bf16) and megatron DDP around each chunk, as megatron's ``get_model`` does."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
@@ -112,7 +114,9 @@ def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: list[torch.n
     return Trainer(cfg, config, model, optimizer, scheduler, dp)
 
 
-def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def lm_loss(
+    loss_mask: torch.Tensor, output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Masked next-token loss: (sum over unmasked tokens, token count, report)."""
     losses = output.float()  # (b, s) per-token cross entropy from GPTModel
     mask = loss_mask.float()
@@ -172,7 +176,9 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], keys: Sequence[str] =
                     sums[i] += report[key].double().cpu()
     sums = sums.to(_device())
     dist.all_reduce(sums)
-    return {key: (s[0] / s[1].clamp(min=1)).item() if s[1] > 0 else float("nan") for key, s in zip(keys, sums)}
+    return {
+        key: (s[0] / s[1].clamp(min=1)).item() if s[1] > 0 else float("nan") for key, s in zip(keys, sums, strict=True)
+    }
 
 
 def _device() -> str:
@@ -191,7 +197,9 @@ def grads_finite(trainer: Trainer) -> bool:
     return bad.item() == 0
 
 
-def train_step(trainer: Trainer, batches: Iterator[Batch], forward_step: Callable = lm_forward_step) -> dict[str, float]:
+def train_step(
+    trainer: Trainer, batches: Iterator[Batch], forward_step: Callable = lm_forward_step
+) -> dict[str, float]:
     """Zero grads, forward-backward over the global batch, then step unless anything is non-finite."""
     for model in trainer.model:
         model.zero_grad_buffer()
