@@ -20,7 +20,8 @@ The accommodations:
    ``torch.Generator``, so ``model_parallel_cuda_manual_seed`` and the tracker's fork work. Dropout
    inside TP regions then draws from the default CPU generator (r1mega's models use no dropout).
 3. ``fp32_type_checks``: the optimizer classes compare ``param.type()`` with
-   ``'torch.cuda.FloatTensor'``; the comparison is rewritten to accept ``'torch.FloatTensor'``.
+   ``'torch.cuda.FloatTensor'`` (and the half types with their CUDA names); the comparisons are
+   rewritten to accept the CPU type names too.
 4. ``alltoall_split_sizes``: the alltoall token dispatcher turns split sizes into host lists only for
    CUDA tensors; gloo's ``all_to_all_single`` rejects tensor split sizes (EP > 1).
 5. ``missing_te_gemm``: without Transformer Engine, ``moe_utils.te_general_gemm`` is never defined and
@@ -223,20 +224,21 @@ def _rng_tracker() -> None:
     random._set_cuda_rng_state = set_state
 
 
-def _rewrite(owner: Any, attr: str, old: str, new: str) -> None:
-    """Recompile ``owner.attr`` with ``old`` replaced by ``new`` in its source, in its module's globals.
+def _rewrite(owner: Any, attr: str, *replacements: tuple[str, str]) -> None:
+    """Recompile ``owner.attr`` with each ``(old, new)`` replaced in its source, in its module's globals.
 
-    Raises if ``old`` is not found, so a megatron-core upgrade that changes the code fails loudly.
+    Raises if an ``old`` is not found, so a megatron-core upgrade that changes the code fails loudly.
     """
     fn = inspect.getattr_static(owner, attr)
     wrapper = type(fn) if isinstance(fn, (staticmethod, classmethod)) else None
     func = fn.__func__ if wrapper else fn
     source = textwrap.dedent(inspect.getsource(func))
-    if old not in source:
-        raise RuntimeError(
-            f"r1mega.cpu_compat: {func.__qualname__} no longer contains {old!r}; update the accommodation"
-        )
-    source = source.replace(old, new)
+    for old, new in replacements:
+        if old not in source:
+            raise RuntimeError(
+                f"r1mega.cpu_compat: {func.__qualname__} no longer contains {old!r}; update the accommodation"
+            )
+        source = source.replace(old, new)
     if "__class__" in func.__code__.co_freevars:  # bare super() needs the class cell: name the class
         source = source.replace("super()", f"super({owner.__name__}, self)")
     lines = source.splitlines()
@@ -255,22 +257,26 @@ def _rewrite(owner: Any, attr: str, old: str, new: str) -> None:
                 setattr(module, attr, replacement)
 
 
-_FLOAT_CHECK = "== 'torch.cuda.FloatTensor'"
-_FLOAT_CHECK_CPU = "in ('torch.cuda.FloatTensor', 'torch.FloatTensor')"
+_FP32 = ("== 'torch.cuda.FloatTensor'", "in ('torch.cuda.FloatTensor', 'torch.FloatTensor')")
+_HALF = (
+    "in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']",
+    "in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor', 'torch.HalfTensor', 'torch.BFloat16Tensor']",
+)
 
 
 def _fp32_type_checks() -> None:
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     clip = importlib.import_module("megatron.core.optimizer.clip_grads")
-    _rewrite(optimizer.Float16OptimizerWithFloat16Params, "__init__", _FLOAT_CHECK, _FLOAT_CHECK_CPU)
-    _rewrite(distrib.DistributedOptimizer, "_build_model_and_main_param_groups", _FLOAT_CHECK, _FLOAT_CHECK_CPU)
-    _rewrite(clip, "clip_grad_by_total_norm_fp32", _FLOAT_CHECK, _FLOAT_CHECK_CPU)
+    _rewrite(optimizer.Float16OptimizerWithFloat16Params, "__init__", _FP32, _HALF)
+    _rewrite(distrib.DistributedOptimizer, "_build_model_and_main_param_groups", _FP32, _HALF)
+    _rewrite(distrib.DistributedOptimizer, "__init__", _HALF)
+    _rewrite(clip, "clip_grad_by_total_norm_fp32", _FP32)
 
 
 def _tensor_cuda_calls() -> None:
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
-    _rewrite(language_module.LanguageModule, "setup_embeddings_and_output_layer", "weight.data.cuda()", "weight.data")
+    _rewrite(language_module.LanguageModule, "setup_embeddings_and_output_layer", ("weight.data.cuda()", "weight.data"))
 
 
 def _alltoall_split_sizes() -> None:

@@ -43,6 +43,16 @@ class Trainer:
     data_parallel_size: int
 
     @property
+    def expert_biases(self) -> list[torch.Tensor]:
+        """The routers' aux-loss-free balancing biases (updated by ``finalize_model_grads``)."""
+        return [
+            module.expert_bias
+            for chunk in self.model
+            for module in chunk.modules()
+            if getattr(module, "expert_bias", None) is not None
+        ]
+
+    @property
     def num_microbatches(self) -> int:
         o = self.cfg.optim
         return o.global_batch_size // (o.micro_batch_size * self.data_parallel_size)
@@ -204,6 +214,7 @@ def train_step(
     for model in trainer.model:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
+    biases = [(b, b.clone()) for b in trainer.expert_biases]
     metrics = forward_backward(trainer, batches, forward_step)
     loss = metrics.get("lm_loss", float("nan"))
     finite = math.isfinite(loss) and grads_finite(trainer)
@@ -213,6 +224,10 @@ def train_step(
         finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
     if finite:
         trainer.scheduler.step(increment=1)
+    else:  # a skipped step changes nothing: undo the expert-bias update finalize_model_grads made
+        with torch.no_grad():
+            for bias, saved in biases:
+                bias.copy_(saved)
     metrics.update(
         grad_norm=grad_norm if grad_norm is not None else float("nan"),
         lr=trainer.optimizer.param_groups[0]["lr"],
