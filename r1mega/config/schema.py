@@ -348,9 +348,11 @@ class OptimConfig:
             raise ConfigError("optim.min_lr", self.min_lr, f"between 0 and optim.lr={self.lr}")
         if self.clip_grad < 0:
             raise ConfigError("optim.clip_grad", self.clip_grad, "0 (off) or a positive norm")
-        if not 0 <= self.lr_warmup_steps <= self.train_steps:
+        if not 0 <= self.lr_warmup_steps < self.train_steps:
             raise ConfigError(
-                "optim.lr_warmup_steps", self.lr_warmup_steps, f"between 0 and optim.train_steps={self.train_steps}"
+                "optim.lr_warmup_steps",
+                self.lr_warmup_steps,
+                f"at least 0 and below optim.train_steps={self.train_steps}",
             )
 
 

@@ -23,7 +23,7 @@ import torch
 
 from r1mega.parallel import cpu_compat
 
-SEQ = ["data.seq_length=16", "optim.micro_batch_size=2", "optim.global_batch_size=2", "parallel.world_size=null"]
+SEQ = ["data.seq_length=16", "optim.micro_batch_size=1", "optim.global_batch_size=2", "parallel.world_size=null"]
 """Overrides every check shares: a tiny batch, and whatever world size the launcher gives."""
 DENSE = ["model=llama_tiny", *SEQ]
 MOE = [*DENSE, "model.num_experts=4", "model.moe_ffn_hidden_size=32", "model.moe_router_topk=2"]
