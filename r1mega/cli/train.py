@@ -42,7 +42,9 @@ def app(dcfg: DictConfig) -> None:
     except ConfigError as e:
         exit_on_config_error(e)
     try:
-        train(cfg, ctx)
+        result = train(cfg, ctx)
+        if result.preempted:
+            print(f"r1mega: stopped at step {result.step} on request; checkpoint saved", file=sys.stderr)
     except NonFiniteError as e:
         print(f"r1mega: {e}", file=sys.stderr)
         sys.exit(3)

@@ -368,8 +368,17 @@ class CheckpointConfig:
     """Complete checkpoints to keep."""
     load: str | None = None
     """Checkpoint to start from (weights only) when the run has none of its own to resume."""
+    optimizer_format: str = "dp_reshardable"
+    """Distributed-optimizer state layout in checkpoints (megatron-core's distrib_optim_sharding_type)."""
+    resume: bool = True
+    """Resume automatically from the newest complete checkpoint in the folder."""
 
     def __post_init__(self) -> None:
+        _check_choice(
+            "checkpoint.optimizer_format",
+            self.optimizer_format,
+            ("dp_reshardable", "fully_reshardable", "fully_sharded_model_space", "dp_zero_gather_scatter"),
+        )
         if self.save_interval < 0:
             raise ConfigError("checkpoint.save_interval", self.save_interval, "0 or more")
         _check_positive("checkpoint.keep_last", self.keep_last)

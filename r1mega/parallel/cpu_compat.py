@@ -16,9 +16,11 @@ The accommodations:
    proxy whose factory functions map ``device="cuda"`` to the CPU and drop ``pin_memory``, and whose
    ``torch.cuda`` answers ``current_device()`` with ``"cpu"`` and gives inert streams and events.
    Only these modules see the proxy; the rest of the process sees the real ``torch``.
-2. ``cuda_rng_tracker``: the CUDA RNG get/set used by megatron's RNG tracker act on a dedicated CPU
-   ``torch.Generator``, so ``model_parallel_cuda_manual_seed`` and the tracker's fork work. Dropout
-   inside TP regions then draws from the default CPU generator (r1mega's models use no dropout).
+2. ``cuda_rng_tracker``: megatron's RNG tracker sets CUDA generator states through torch's lazy-CUDA
+   call queue, which never runs on a CPU build: ``fork()`` would silently not switch states, and every
+   call would grow ``torch.cuda._queued_calls`` for good (TP+SP forks on every forward). The get/set
+   functions act on a dedicated CPU ``torch.Generator`` instead. Dropout inside TP regions then draws
+   from the default CPU generator (r1mega's models use no dropout).
 3. ``fp32_type_checks``: the optimizer classes compare ``param.type()`` with
    ``'torch.cuda.FloatTensor'`` (and the half types with their CUDA names); the comparisons are
    rewritten to accept the CPU type names too.
@@ -322,6 +324,9 @@ _APPLIED: list[str] = []
 
 def apply(force: bool = False, only: list[str] | None = None) -> list[str]:
     """Install the accommodations (once) when CUDA is absent; returns the names installed."""
+    unknown = set(only or ()) - set(ACCOMMODATIONS)
+    if unknown:
+        raise ValueError(f"unknown CPU accommodation(s) {sorted(unknown)}; valid: {sorted(ACCOMMODATIONS)}")
     if torch.cuda.is_available() and not force:
         return []
     for name, install in ACCOMMODATIONS.items():

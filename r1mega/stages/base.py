@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from r1mega.train.step import Batch
+from r1mega.train.step import Batch, Trainer
 
 
 class Stage(Protocol):
@@ -15,9 +15,25 @@ class Stage(Protocol):
     """(total, count) reports the forward step returns; the loop logs their token means."""
 
     def batches(self, step: int) -> Iterator[Batch]:
-        """This data-parallel rank's micro-batches for optimizer step ``step``."""
+        """This data-parallel rank's micro-batches for optimizer step ``step`` (0-based)."""
         ...
 
     def forward_step(self) -> Callable:
         """The megatron forward-step function for training."""
+        ...
+
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step processes over all ranks (for tokens/s)."""
+        ...
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """Held-out metrics, called every ``stage.eval_interval`` steps."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable data position, saved in checkpoints."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the data position from a checkpoint."""
         ...

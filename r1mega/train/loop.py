@@ -1,16 +1,26 @@
-"""The one training loop every stage shares: build, step, log."""
+"""The one training loop every stage shares: build, resume, step, evaluate, checkpoint, log.
+
+Side concerns are components called at fixed points: ``CheckpointManager`` (resume at the start, save at
+intervals, on preemption and at the end), ``PreemptionHandler`` (SIGTERM/SIGUSR1 -> checkpoint at the
+next step boundary, then a clean exit) and ``MetricsWriter`` (TensorBoard and the progress bar).
+"""
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass, field
 
+from r1mega.checkpoint.manager import CheckpointManager
+from r1mega.checkpoint.weights import load_weights
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import build_model, transformer_config
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.stages import get_stage
+from r1mega.stages.base import Stage
 from r1mega.train.metrics import MetricsWriter
+from r1mega.train.signals import PreemptionHandler
 from r1mega.train.step import Trainer, build_trainer, train_step
+from r1mega.utils.faults import kill_point
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -20,6 +30,18 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
+@dataclass
+class RunResult:
+    """How a call to ``train`` ended."""
+
+    step: int
+    """Optimizer steps completed (including those of resumed runs)."""
+    preempted: bool = False
+    """Stopped early by a signal, after saving a checkpoint."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Metrics of the steps run in this call."""
+
+
 def setup(cfg: R1Config, ctx: ParallelContext) -> Trainer:
     """Build the model chunks and wrap them with optimizer and schedule."""
     config = transformer_config(cfg)
@@ -27,28 +49,64 @@ def setup(cfg: R1Config, ctx: ParallelContext) -> Trainer:
     return build_trainer(cfg, config, chunks, ctx.data_parallel_size)
 
 
-def train(cfg: R1Config, ctx: ParallelContext) -> list[dict[str, float]]:
-    """Run ``optim.train_steps`` steps of the configured stage; returns the per-step metrics."""
+def _resume(cfg: R1Config, trainer: Trainer, stage: Stage, checkpoints: CheckpointManager) -> int:
+    """Continue from this run's newest complete checkpoint, or start from ``checkpoint.load``'s weights."""
+    latest = checkpoints.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        step, stage_state = checkpoints.load(latest, trainer)
+        stage.load_state_dict(stage_state)
+        return step
+    if cfg.checkpoint.load:
+        load_weights(trainer.model, cfg.checkpoint.load)
+        log.info("initialised weights from %s", cfg.checkpoint.load)
+    return 0
+
+
+def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
+    """Run the configured stage up to ``optim.train_steps`` steps, resuming if a checkpoint exists."""
     trainer = setup(cfg, ctx)
-    stage = get_stage(cfg.stage.name)(cfg)
-    metrics = MetricsWriter(cfg, ctx)
-    history: list[dict[str, float]] = []
+    stage = get_stage(cfg.stage.name)(cfg, ctx)
+    checkpoints = CheckpointManager(cfg)
+    step = _resume(cfg, trainer, stage, checkpoints)
+    metrics = MetricsWriter(cfg, ctx, initial_step=step)
+    preemption = PreemptionHandler()
+    result = RunResult(step=step)
     bad_in_a_row = 0
-    tokens_per_step = cfg.optim.global_batch_size * cfg.data.seq_length
-    for step in range(cfg.optim.train_steps):
-        start = time.perf_counter()
-        m = train_step(trainer, stage.batches(step), stage.forward_step())
-        m["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
-        bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
-        if bad_in_a_row >= cfg.stage.max_consecutive_nonfinite:
-            raise NonFiniteError(
-                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                "weights were not updated by them. Lower optim.lr or check the data."
-            )
-        history.append(m)
-        metrics.log(step + 1, m)
-    metrics.close()
-    final = history[-1] if history else {}
-    if final and not math.isfinite(final.get("lm_loss", 0.0)):
-        log.warning("final loss is not finite")
-    return history
+    try:
+        while step < cfg.optim.train_steps:
+            start = time.perf_counter()
+            m = train_step(trainer, stage.batches(step), stage.forward_step())
+            m["tokens_per_s"] = stage.tokens_per_step() / (time.perf_counter() - start)
+            step += 1
+            kill_point("train_step", step)
+            bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
+            if bad_in_a_row >= cfg.stage.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                    "they did not update the weights. Lower optim.lr or check the data."
+                )
+            if cfg.stage.eval_interval and step % cfg.stage.eval_interval == 0:
+                m.update(stage.evaluate(trainer))
+            result.history.append(m)
+            metrics.log(step, m)
+            interval = cfg.checkpoint.save_interval
+            if preemption.should_stop():
+                checkpoints.save(step, trainer, stage.state_dict())
+                result.preempted = True
+                log.warning("checkpointed step %d after a stop request; exiting", step)
+                break
+            if interval and step % interval == 0 and step < cfg.optim.train_steps:
+                checkpoints.save(step, trainer, stage.state_dict())
+        else:
+            if step > _saved_step(checkpoints):  # the final weights, unless already saved
+                checkpoints.save(step, trainer, stage.state_dict())
+    finally:
+        preemption.close()
+        metrics.close()
+    result.step = step
+    return result
+
+
+def _saved_step(checkpoints: CheckpointManager) -> int:
+    latest = checkpoints.latest()
+    return int(latest.name.split("_")[1]) if latest else -1

@@ -14,7 +14,7 @@ log = get_logger(__name__)
 class MetricsWriter:
     """Writes scalars under ``<run_dir>/tb`` and drives the progress bar; silent off rank 0."""
 
-    def __init__(self, cfg: R1Config, ctx: ParallelContext) -> None:
+    def __init__(self, cfg: R1Config, ctx: ParallelContext, initial_step: int = 0) -> None:
         self.cfg = cfg
         self.active = ctx.is_main
         self.tb: object | None = None
@@ -28,7 +28,7 @@ class MetricsWriter:
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.optim.train_steps, desc=cfg.stage.name, dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.optim.train_steps, initial=initial_step, desc=cfg.stage.name, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics."""

@@ -3,12 +3,12 @@
 usage: python cpu_compat_probe.py WITHOUT PROBE [PROBE ...]
   WITHOUT  the accommodation to leave out (every other one is installed), or "none"
   PROBE    an accommodation name: run the checks of ``PROBES[PROBE]`` (probes run in one process
-           must share a layout, see ``LAYOUTS``)
+           must share a layout, see ``LAYOUTS``; a probe without one runs under any)
 
 Every check prints one line ``PROBE_RESULT {json}``: ``ok`` and, on failure, the exception type, its
-message and the megatron-core file it came out of. Failing checks do not stop the worker (it exits 0);
-tests/parallel/test_cpu_compat.py judges the lines. Only this module's top level is import-light
-(torch and cpu_compat), so the test can read ``PROBES`` without importing megatron-core.
+message and the megatron-core file and line it came out of. Failing checks do not stop the worker (it exits 0);
+tests/parallel/test_cpu_compat.py judges the lines. This module's top level does not import
+megatron-core, so the test can read ``PROBES`` cheaply.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from r1mega.config.load import compose_config
 from r1mega.parallel import cpu_compat
 
 SEQ = ["data.seq_length=16", "optim.micro_batch_size=1", "optim.global_batch_size=2", "parallel.world_size=null"]
@@ -32,12 +33,6 @@ MOE = [*DENSE, "model.num_experts=4", "model.moe_ffn_hidden_size=32", "model.moe
 RESULT_TAG = "PROBE_RESULT"
 
 
-def _compose(overrides: list[str]):  # -> R1Config
-    from r1mega.config.load import compose_config
-
-    return compose_config(overrides)
-
-
 def _forward(overrides: list[str]) -> None:
     """Build the model ``overrides`` describe and run one forward with a loss (no backward)."""
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -45,7 +40,7 @@ def _forward(overrides: list[str]) -> None:
     from r1mega.data.synthetic import synthetic_batch
     from r1mega.models.builder import build_model
 
-    cfg = _compose(overrides)
+    cfg = compose_config(overrides)
     (model,) = build_model(cfg)
     batch = synthetic_batch(cfg.optim.micro_batch_size, cfg.data.seq_length, cfg.model.vocab_size, seed=3)
     loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # (b, s)
@@ -55,14 +50,15 @@ def _forward(overrides: list[str]) -> None:
 
 def _train_step(overrides: list[str]) -> None:
     """Wrap, build the optimizer and take one training step (grad clipping on: optim.clip_grad=1.0)."""
+    from r1mega.data.synthetic import synthetic_batch
     from r1mega.models.builder import build_model, transformer_config
-    from r1mega.stages.pretrain import PretrainStage
     from r1mega.train.step import build_trainer, train_step
 
-    cfg = _compose([*overrides, "optim.clip_grad=1.0"])
+    cfg = compose_config([*overrides, "optim.clip_grad=1.0"])
     config = transformer_config(cfg)
     trainer = build_trainer(cfg, config, build_model(cfg, config), dp=1)
-    metrics = train_step(trainer, PretrainStage(cfg).batches(0))
+    batch = synthetic_batch(cfg.optim.micro_batch_size, cfg.data.seq_length, cfg.model.vocab_size, seed=3)
+    metrics = train_step(trainer, iter([batch] * trainer.num_microbatches))
     assert metrics["skipped"] == 0.0, f"the step was skipped: {metrics}"
 
 
@@ -144,13 +140,13 @@ def expert_parallel_alltoall() -> None:
 def tied_embeddings() -> None:
     from r1mega.models.builder import build_model
 
-    build_model(_compose(["model=qwen2_tiny", *SEQ, "parallel=pp2"]))
+    build_model(compose_config(["model=qwen2_tiny", *SEQ, "parallel=pp2"]))
 
 
 def mtp_embedding() -> None:
     from r1mega.models.builder import build_model
 
-    build_model(_compose(["model=dsv3_tiny", *SEQ, "parallel=pp2"]))
+    build_model(compose_config(["model=dsv3_tiny", *SEQ, "parallel=pp2"]))
 
 
 # missing_te_gemm: every MoE router's gating GEMM reads moe_utils.te_general_gemm.
@@ -200,14 +196,14 @@ def install(without: str | None) -> list[str]:
     return installed
 
 
-def _where(error: BaseException) -> str:
-    """The innermost megatron-core file of the traceback (else the innermost file), from ``megatron/`` on."""
+def _where(error: BaseException) -> tuple[str, str]:
+    """The innermost megatron-core frame of the traceback (else the innermost one): file from ``megatron/`` on, line."""
     frames = traceback.extract_tb(error.__traceback__)
     for frame in reversed(frames):
         path = frame.filename.replace(os.sep, "/")
         if "/megatron/" in path:
-            return "megatron/" + path.split("/megatron/", 1)[1]
-    return os.path.basename(frames[-1].filename) if frames else "?"
+            return "megatron/" + path.split("/megatron/", 1)[1], frame.line or ""
+    return os.path.basename(frames[-1].filename), frames[-1].line or ""
 
 
 def run_check(probe: str, check: Callable[[], None], rank: int) -> None:
@@ -217,19 +213,20 @@ def run_check(probe: str, check: Callable[[], None], rank: int) -> None:
         check()
     except Exception as e:  # the judgement is the test's: report what failed, where
         traceback.print_exc()
-        result.update(ok=False, type=type(e).__name__, message=str(e), where=_where(e))
+        where, line = _where(e)
+        result.update(ok=False, type=type(e).__name__, message=str(e), where=where, line=line)
     print(RESULT_TAG, json.dumps(result), flush=True)
 
 
 def main(without: str, probes: list[str]) -> None:
     install(None if without == "none" else without)
-    layouts = {LAYOUTS[p] for p in probes}
-    assert len(layouts) == 1, f"probes in one process must share a layout: {probes}"
-    layout = layouts.pop()
+    layouts = {LAYOUTS[p] for p in probes} - {None}
+    assert len(layouts) <= 1, f"probes in one process must share a layout: {probes}"
+    layout = layouts.pop() if layouts else None
     if layout is not None:
         from r1mega.parallel import bootstrap
 
-        bootstrap.initialize(_compose([f"parallel={layout}", *SEQ, "parallel.timeout_minutes=1"]))
+        bootstrap.initialize(compose_config([f"parallel={layout}", *SEQ, "parallel.timeout_minutes=1"]))
     rank = int(os.environ.get("RANK", 0))
     try:
         for probe in probes:

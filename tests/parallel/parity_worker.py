@@ -43,7 +43,7 @@ def run(mode: str, out: str, layout: str) -> None:
         trainer = build_trainer(cfg, config, chunks, ctx.data_parallel_size)
         for model in trainer.model:
             model.zero_grad_buffer()
-        metrics = forward_backward(trainer, PretrainStage(cfg).batches(0))
+        metrics = forward_backward(trainer, PretrainStage(cfg, ctx).batches(0))
         map_parameters(chunks, lambda name, p: p.main_grad)
         save_weights(chunks, os.path.join(out, f"{mode}_grads"))
         if ctx.is_main:

@@ -1,0 +1,205 @@
+"""Training checkpoints that survive anything: atomic, resumable, reshardable.
+
+On disk::
+
+    <dir>/step_00000040/     a complete checkpoint: megatron-core dist_checkpointing files (model,
+                             optimizer, scheduler), rank_00000.pt... (per-rank RNG states) and meta.json
+    <dir>/latest             the name of the newest complete checkpoint, replaced atomically
+    <dir>/.tmp_step_00000050 a checkpoint being written; never loaded, removed at the next start
+
+Every rank writes into the temporary folder; after a barrier rank 0 writes ``meta.json`` (with checksums
+of the pickled metadata files), renames the folder to its final name (atomic on POSIX) and then
+replaces ``latest``. A kill at any moment leaves the previous complete checkpoint as the newest one.
+Loading trusts only folders with a valid ``meta.json`` whose checksums match, uses ``weights_only``
+unpickling for r1mega's own files, and reshards across TP/PP/EP layouts through dist_checkpointing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from r1mega.checkpoint.weights import sharded_model_state, sharding_metadata, unwrap
+from r1mega.config.schema import R1Config
+from r1mega.train.step import Trainer
+from r1mega.utils.faults import kill_point
+from r1mega.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+FORMAT = "r1mega-ckpt/1"
+_PICKLED = (".metadata", "common.pt")
+"""Files dist_checkpointing reads with pickle; their checksums are recorded in meta.json."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: says which folder and why."""
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's random states, as tensors and plain numbers (loadable with ``weights_only``)."""
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    py = state["python"]
+    random.setstate((3, tuple(int(x) for x in py[:-1]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class CheckpointManager:
+    """Saves and finds complete checkpoints in one folder; every method is collective unless noted."""
+
+    def __init__(self, cfg: R1Config, directory: str | None = None) -> None:
+        self.cfg = cfg
+        self.dir = Path(directory or cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
+        self.keep_last = cfg.checkpoint.keep_last
+        self.rank = dist.get_rank()
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.dir.glob(".tmp_step_*"):  # half-written by a killed run
+                log.warning("removing incomplete checkpoint %s", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        dist.barrier()
+
+    # ---------------------------------------------------------------- finding
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (local: no collective)."""
+        found = [p for p in self.dir.glob("step_*") if (p / "meta.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: ``latest`` if it names one, else the highest step (local)."""
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            candidate = self.dir / pointer.read_text().strip()
+            if (candidate / "meta.json").is_file():
+                return candidate
+        done = self.complete()
+        return done[-1] if done else None
+
+    # ---------------------------------------------------------------- saving
+    def _state(self, trainer: Trainer, loading: bool) -> dict[str, Any]:
+        model = {"model": sharded_model_state(trainer.model)}
+        metadata = {**sharding_metadata(), "distrib_optim_sharding_type": self.cfg.checkpoint.optimizer_format}
+        return {
+            **model,
+            "optimizer": trainer.optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata),
+            "scheduler": trainer.scheduler.state_dict(),
+        }
+
+    def save(self, step: int, trainer: Trainer, stage_state: dict[str, Any]) -> Path:
+        """Write a complete checkpoint for ``step`` and publish it atomically; prune old ones."""
+        final = self.dir / _step_name(step)
+        tmp = self.dir / f".tmp_{_step_name(step)}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(self._state(trainer, loading=False), str(tmp))
+        torch.save(rng_state(), tmp / f"rank_{self.rank:05d}.pt")
+        kill_point("checkpoint_write", step)
+        dist.barrier()
+        if self.rank == 0:
+            meta = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": dist.get_world_size(),
+                "stage_state": stage_state,
+                "config": asdict(self.cfg),
+                "sha256": {name: _sha256(tmp / name) for name in _PICKLED if (tmp / name).exists()},
+            }
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f, indent=1, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # a step saved twice (e.g. preemption right after an interval save)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            pointer_tmp = self.dir / ".latest.tmp"
+            pointer_tmp.write_text(final.name)
+            os.replace(pointer_tmp, self.dir / "latest")
+            _fsync_dir(self.dir)
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        log.info("saved checkpoint %s", final)
+        return final
+
+    # ---------------------------------------------------------------- loading
+    def read_meta(self, path: Path) -> dict[str, Any]:
+        """``meta.json`` of a checkpoint, verified against the pickled files it vouches for (local)."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: meta.json is missing or unreadable ({e}); not an r1mega checkpoint") from e
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        for name, digest in meta.get("sha256", {}).items():
+            if not (path / name).is_file() or _sha256(path / name) != digest:
+                raise CheckpointError(
+                    f"{path}: {name} does not match the checksum in meta.json; refusing to unpickle it"
+                )
+        return meta
+
+    def load(self, path: Path, trainer: Trainer) -> tuple[int, dict[str, Any]]:
+        """Restore model, optimizer, scheduler and (same world size) RNG; returns (step, stage state)."""
+        meta = self.read_meta(path)
+        state = self._state(trainer, loading=True)
+        loaded = dist_checkpointing.load(state, str(path))
+        for i, chunk in enumerate(trainer.model):
+            unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"])
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        trainer.scheduler.load_state_dict(loaded["scheduler"])
+        rng_file = path / f"rank_{self.rank:05d}.pt"
+        if meta["world_size"] == dist.get_world_size() and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            log.warning("%s was saved by %d ranks: RNG states not restored", path, meta["world_size"])
+        log.info("resumed from %s (step %d)", path, meta["step"])
+        return int(meta["step"]), meta.get("stage_state", {})
