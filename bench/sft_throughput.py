@@ -61,13 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary, a multiple of 64 (default 8192)")
     p.add_argument("--seq-length", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per step (default 2)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side per round (default 3)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds r1mega/HF (default 2)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per side per round (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds r1mega/HF (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="parameter/compute dtype")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n ceiling matmul")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="profile one more step per side")
     args = p.parse_args(argv)
     args.ffn = args.ffn or 3 * args.hidden
     if args.vocab % 64:
@@ -80,22 +81,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- matmul ceiling
 
 
-def matmul_flops(n: int, dtype: torch.dtype, reps: int = 5, budget_s: float = 20.0) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) ``torch.matmul`` in ``dtype`` (shrinks n if one takes too long)."""
-    while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        start = time.perf_counter()
-        torch.matmul(a, b)  # warm-up, and a first estimate
-        first = time.perf_counter() - start
-        if first * reps <= budget_s or n <= 256:
-            break
-        n //= 2
-    best = first
-    for _ in range(reps):
+def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 5, budget_s: float = 20.0) -> float:
+    """Best FLOP/s of an (m, k) @ (k, n) ``torch.matmul`` in ``dtype`` over ``reps`` tries (fewer if slow)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    start = time.perf_counter()
+    torch.matmul(a, b)  # warm-up, and a first estimate
+    best = time.perf_counter() - start
+    for _ in range(max(0, min(reps, int(budget_s / max(best, 1e-9)) - 1))):
         start = time.perf_counter()
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * m * k * n / best
+
+
+def matmul_ceiling(args: argparse.Namespace, dtype: torch.dtype, tokens: int) -> dict[str, float]:
+    """FLOP/s of a square matmul and of the model's three largest GEMM shapes; ``ceiling`` is the best."""
+    h, n = args.hidden, args.matmul_size
+    qkv = (args.heads + 2 * args.kv_heads) * (h // args.heads)
+    shapes = {  # (m, k, n) of the forward GEMMs: tokens x hidden x outputs
+        f"square {n}": (n, n, n),
+        f"qkv {tokens}x{h}x{qkv}": (tokens, h, qkv),
+        f"fc1 {tokens}x{h}x{2 * args.ffn}": (tokens, h, 2 * args.ffn),
+        f"logits {tokens}x{h}x{args.vocab}": (tokens, h, args.vocab),
+    }
+    out = {name: matmul_flops(*shape, dtype) for name, shape in shapes.items()}
+    out["ceiling"] = max(out.values())
+    return out
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -239,8 +250,20 @@ def time_alternating(
                 start = time.perf_counter()
                 losses[name].append(step())
                 times[name].append(time.perf_counter() - start)
-            print(f"  round {r + 1}/{rounds} {name:7s} step times " + " ".join(f"{t:.2f}s" for t in times[name][-per_round:]))
+            recent = " ".join(f"{t:.2f}s" for t in times[name][-per_round:])
+            print(f"  round {r + 1}/{rounds} {name:7s} step times {recent}", flush=True)
     return times, losses
+
+
+def profile_steps(steps: dict[str, Callable[[], float]], rows: int) -> None:
+    """One ``torch.profiler`` step per side: the ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\nprofile of one {name} step (self CPU time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
 @dataclass
@@ -252,8 +275,13 @@ class SideResult:
     median_step_s: float
     min_step_s: float
     tokens_per_s: float
+    """From the median step time."""
+    best_tokens_per_s: float
+    """From the fastest step (the least disturbed on a shared machine)."""
     model_flops_per_s: float
+    """Model FLOPs per token x tokens/s (median)."""
     fraction_of_matmul: float
+    """``model_flops_per_s`` over the matmul ceiling."""
     first_loss: float
     last_loss: float
 
@@ -270,6 +298,7 @@ def summarise(
         median_step_s=median,
         min_step_s=min(times),
         tokens_per_s=tps,
+        best_tokens_per_s=tokens / min(times),
         model_flops_per_s=tps * flops_tok,
         fraction_of_matmul=tps * flops_tok / ceiling,
         first_loss=losses[0],
@@ -279,14 +308,59 @@ def summarise(
 
 def print_table(results: list[SideResult]) -> None:
     """One row per side."""
-    head = f"{'loop':8s} {'params':>11s} {'median s':>9s} {'min s':>7s} {'tok/s':>9s} {'GFLOP/s':>8s} {'of mm':>6s} {'loss0':>7s} {'lossN':>7s}"
+    head = (
+        f"{'loop':7s} {'params':>11s} {'median s':>9s} {'min s':>7s} {'tok/s':>8s} {'best':>8s} "
+        f"{'GFLOP/s':>8s} {'of mm':>6s} {'loss0':>7s} {'lossN':>7s}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         print(
-            f"{r.name:8s} {r.params:11,d} {r.median_step_s:9.3f} {r.min_step_s:7.3f} {r.tokens_per_s:9.1f} "
-            f"{r.model_flops_per_s / 1e9:8.2f} {r.fraction_of_matmul:6.1%} {r.first_loss:7.3f} {r.last_loss:7.3f}"
+            f"{r.name:7s} {r.params:11,d} {r.median_step_s:9.3f} {r.min_step_s:7.3f} {r.tokens_per_s:8.1f} "
+            f"{r.best_tokens_per_s:8.1f} {r.model_flops_per_s / 1e9:8.2f} {r.fraction_of_matmul:6.1%} "
+            f"{r.first_loss:7.3f} {r.last_loss:7.3f}"
         )
+
+
+def describe_run(args: argparse.Namespace, cfg: Any, flops: Any, tokens: int) -> None:
+    """The model, batch and FLOP count, before anything is timed."""
+    m = cfg.model
+    print(f"torch {torch.__version__}, {args.threads} thread(s), dtype {args.dtype}")
+    print(
+        f"model: Qwen2 hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, layers {m.num_layers}, "
+        f"heads {m.num_attention_heads}/{m.query_groups} kv, vocab {m.padded_vocab_size}, "
+        f"tied {m.tie_word_embeddings}, rope {m.rotary_base:g}; "
+        f"batch {args.micro_batch} x seq {args.seq_length} = {tokens} tokens/step"
+    )
+    print(
+        f"model FLOPs/token (training): {flops.training / 1e6:.1f} M = 3 x (weight matmuls {flops.matmul / 1e6:.1f} M"
+        f" + causal attention {flops.attention / 1e6:.1f} M)"
+    )
+
+
+def measure_ceiling(args: argparse.Namespace, dtype: torch.dtype, tokens: int) -> tuple[float, float]:
+    """Print the matmul FLOP/s; returns (ceiling in the run's dtype, fp32 ceiling)."""
+    dtypes = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
+    ceilings = {}
+    for dt in dtypes:
+        measured = matmul_ceiling(args, dt, tokens)
+        ceilings[dt] = measured["ceiling"]
+        parts = ", ".join(f"{name} {v / 1e9:.1f}" for name, v in measured.items() if name != "ceiling")
+        print(f"matmul {str(dt).removeprefix('torch.')} GFLOP/s: {parts}; ceiling {ceilings[dt] / 1e9:.1f}")
+    return ceilings[dtype], ceilings[torch.float32]
+
+
+def result_line(args: argparse.Namespace, results: list[SideResult], flops_tok: int, ceiling: float) -> str:
+    """The one-line summary a script can grep for."""
+    r1, hf = results
+    return (
+        f"RESULT dtype={args.dtype} r1mega_tok/s={r1.tokens_per_s:.1f} hf_tok/s={hf.tokens_per_s:.1f} "
+        f"ratio_r1mega/hf={r1.tokens_per_s / hf.tokens_per_s:.3f} "
+        f"ratio_best={r1.best_tokens_per_s / hf.best_tokens_per_s:.3f} model_flops/tok={flops_tok} "
+        f"r1mega_GFLOP/s={r1.model_flops_per_s / 1e9:.2f} ({r1.fraction_of_matmul:.1%} of matmul) "
+        f"hf_GFLOP/s={hf.model_flops_per_s / 1e9:.2f} ({hf.fraction_of_matmul:.1%} of matmul) "
+        f"matmul_GFLOP/s={ceiling / 1e9:.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,45 +376,30 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose_config(r1mega_overrides(args))
     tokens = args.micro_batch * args.seq_length
     flops = flops_per_token(cfg.model, args.seq_length)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), dtype {args.dtype}")
-    ceil_fp32 = matmul_flops(args.matmul_size, torch.float32)
-    ceiling = ceil_fp32 if dtype == torch.float32 else matmul_flops(args.matmul_size, dtype)
-    print(f"matmul ceiling: fp32 {ceil_fp32 / 1e9:.2f} GFLOP/s" + (f", {args.dtype} {ceiling / 1e9:.2f} GFLOP/s" if dtype != torch.float32 else ""))
-    m = cfg.model
-    print(
-        f"model: Qwen2 hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, layers {m.num_layers}, heads {m.num_attention_heads}"
-        f"/{m.query_groups} kv, vocab {m.padded_vocab_size}, tied {m.tie_word_embeddings}, rope {m.rotary_base:g}; "
-        f"batch {args.micro_batch} x seq {args.seq_length} = {tokens} tokens/step"
-    )
-    print(
-        f"model FLOPs/token (training): {flops.training / 1e6:.1f} M = 3 x (matmul {flops.matmul / 1e6:.1f} M"
-        f" + causal attention {flops.attention / 1e6:.1f} M)"
-    )
-    batch = fixed_batch(args.micro_batch, args.seq_length, m.padded_vocab_size)
+    describe_run(args, cfg, flops, tokens)
+    ceiling, ceil_fp32 = measure_ceiling(args, dtype, tokens)
+    batch = fixed_batch(args.micro_batch, args.seq_length, cfg.model.padded_vocab_size)
     with single_process(cfg):
         trainer, r1_params = build_r1mega(cfg)
         hf_model, hf_opt, hf_params = build_hf(cfg, dtype)
         print(f"parameters: r1mega {r1_params:,d}  HF {hf_params:,d}")
         if r1_params != hf_params:
-            print("error: the two models differ in size; the comparison would be meaningless", file=sys.stderr)
+            print("error: the two models differ in size, so they would not do the same work", file=sys.stderr)
             return 1
-        steps = {"r1mega": r1mega_step_fn(trainer, batch), "hf": hf_step_fn(hf_model, hf_opt, batch, cfg.optim.clip_grad)}
+        steps = {
+            "r1mega": r1mega_step_fn(trainer, batch),
+            "hf": hf_step_fn(hf_model, hf_opt, batch, cfg.optim.clip_grad),
+        }
         times, losses = time_alternating(steps, args.warmup, args.rounds, args.steps)
+        if args.profile:
+            profile_steps(steps, args.profile)
     results = [
         summarise(name, times[name], losses[name], n, tokens, flops.training, ceiling)
         for name, n in (("r1mega", r1_params), ("hf", hf_params))
     ]
     print()
     print_table(results)
-    r1, hf = results
-    ratio = r1.tokens_per_s / hf.tokens_per_s
-    print(
-        f"RESULT dtype={args.dtype} r1mega_tok/s={r1.tokens_per_s:.1f} hf_tok/s={hf.tokens_per_s:.1f} "
-        f"ratio_r1mega/hf={ratio:.3f} model_flops/tok={flops.training} "
-        f"r1mega_GFLOP/s={r1.model_flops_per_s / 1e9:.2f} ({r1.fraction_of_matmul:.1%} of matmul) "
-        f"hf_GFLOP/s={hf.model_flops_per_s / 1e9:.2f} ({hf.fraction_of_matmul:.1%} of matmul) "
-        f"matmul_GFLOP/s={ceiling / 1e9:.2f}"
-    )
+    print(result_line(args, results, flops.training, ceiling))
     if args.json is not None:
         payload = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -348,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_fp32_flops_per_s": ceil_fp32,
             "model_flops_per_token": flops.training,
             "tokens_per_step": tokens,
-            "ratio": ratio,
+            "ratio": results[0].tokens_per_s / results[1].tokens_per_s,
+            "ratio_best": results[0].best_tokens_per_s / results[1].best_tokens_per_s,
             "sides": [asdict(r) for r in results],
             "step_times_s": times,
         }

@@ -41,10 +41,19 @@ def app(dcfg: DictConfig) -> None:
         ctx = bootstrap.initialize(cfg)
     except ConfigError as e:
         exit_on_config_error(e)
+    from r1mega.checkpoint.manager import CheckpointError
+    from r1mega.data.sft import SFTDataError
+    from r1mega.data.tokenizer import TokenizerError
+
     try:
         result = train(cfg, ctx)
         if result.preempted:
             print(f"r1mega: stopped at step {result.step} on request; checkpoint saved", file=sys.stderr)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    except (SFTDataError, TokenizerError, CheckpointError) as e:
+        print(f"r1mega: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteError as e:
         print(f"r1mega: {e}", file=sys.stderr)
         sys.exit(3)
@@ -52,12 +61,22 @@ def app(dcfg: DictConfig) -> None:
         bootstrap.destroy()
 
 
+def _config_name(argv: list) -> str:
+    """The ``--config-name``/``-cn`` given on the command line (Hydra's own flag), else ``config``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config-name="):
+            return arg.split("=", 1)[1]
+        if arg in ("--config-name", "-cn") and i + 1 < len(argv):
+            return argv[i + 1]
+    return "config"
+
+
 def main() -> None:
     """Console entry point: reject a bad config in one line before Hydra starts the job."""
     register_configs()
     if not any(a in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for a in sys.argv[1:]):
         try:
-            compose_config(_overrides(sys.argv[1:]))
+            compose_config(_overrides(sys.argv[1:]), config_name=_config_name(sys.argv[1:]))
         except ConfigError as e:
             exit_on_config_error(e)
     app()

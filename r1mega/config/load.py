@@ -78,6 +78,9 @@ def _describe_hydra_error(e: Exception) -> tuple:
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     missing = re.search(r"Could not find '([\w.]+)/([^']+)'", str(e))
+    primary = re.search(r"Cannot find primary config '([^']+)'", str(e))
+    if primary:
+        return "--config-name", primary.group(1), f"one of {', '.join(available_options(''))}"
     if isinstance(e, MissingConfigException) and missing:
         group, option = missing.groups()
         return group, option, f"one of {', '.join(available_options(group))}"

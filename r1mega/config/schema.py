@@ -402,21 +402,29 @@ class LoggingConfig:
         _check_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
+STAGES = ("pretrain", "sft")
+
+
 @dataclass
 class StageConfig:
     """Which stage of the R1 pipeline runs, and its stage-level options."""
 
     name: str = "pretrain"
-    """Stage: pretrain (next-token prediction on the data source)."""
+    """Stage: pretrain (next-token prediction on the data source) or sft (supervised fine-tuning on chat JSONL:
+    cold start, rejection-sampled data, distillation traces)."""
     eval_interval: int = 0
-    """Evaluate every N steps (0: never)."""
+    """Evaluate on the held-out split every N steps (0: never)."""
+    eval_batches: int = 8
+    """Micro-batches per DP rank used for one evaluation (at most the held-out split)."""
     max_consecutive_nonfinite: int = 5
     """Stop the run after this many non-finite losses or gradients in a row."""
 
     def __post_init__(self) -> None:
-        _check_choice("stage.name", self.name, ("pretrain",))
+        _check_choice("stage.name", self.name, STAGES)
         if self.eval_interval < 0:
             raise ConfigError("stage.eval_interval", self.eval_interval, "0 (off) or more")
+        _check_positive("stage.eval_batches", self.eval_batches)
+        _check_positive("stage.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
 
 
 @dataclass
@@ -424,15 +432,32 @@ class DataConfig:
     """Training data."""
 
     source: str = "synthetic"
-    """Data source: synthetic (a fixed random token stream with a learnable pattern)."""
+    """synthetic (a fixed random token stream with a learnable rule) or jsonl (chat/prompt-response JSONL)."""
     seq_length: int = 64
-    """Tokens per training sequence."""
+    """Tokens per training sequence (row)."""
     seed: int = 1234
     """Seed of data order and synthetic data."""
+    train_path: str | None = None
+    """JSONL training file (``messages`` or ``prompt``/``response``, optional ``reasoning``)."""
+    eval_path: str | None = None
+    """JSONL held-out file for evaluation loss; None: no evaluation."""
+    tokenizer: str | None = None
+    """A local tokenizer directory or tokenizer.json (never fetched from a hub)."""
+    packing: bool = True
+    """Pack several documents into one row (attention and positions stay within each document)."""
+    truncation: str = "drop"
+    """Examples longer than seq_length: drop (counted and logged) or truncate (keeps the prompt)."""
+    skip_malformed: bool = False
+    """Skip and count malformed JSONL lines instead of failing on the first (file:line)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, ("synthetic",))
+        _check_choice("data.source", self.source, ("synthetic", "jsonl"))
         _check_positive("data.seq_length", self.seq_length)
+        _check_choice("data.truncation", self.truncation, ("drop", "truncate"))
+        if self.source == "jsonl":
+            for key in ("train_path", "tokenizer"):
+                if getattr(self, key) is None:
+                    raise ConfigError(f"data.{key}", None, "a path when data.source=jsonl")
 
 
 @dataclass

@@ -78,6 +78,10 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
     _validate_pipeline(cfg)
     _validate_precision(cfg, accel)
     _validate_batches(cfg, dp)
+    if cfg.stage.name == "sft" and cfg.data.source != "jsonl":
+        raise ConfigError(
+            "data.source", cfg.data.source, "jsonl for stage.name=sft (with data.train_path and data.tokenizer)"
+        )
     if cfg.data.seq_length > m.max_position_embeddings:
         raise ConfigError(
             "data.seq_length", cfg.data.seq_length, f"at most model.max_position_embeddings={m.max_position_embeddings}"

@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 from r1mega.stages.base import Stage
 from r1mega.stages.pretrain import PretrainStage
+from r1mega.stages.sft import SFTStage
 
-STAGES: dict[str, Callable[..., Stage]] = {"pretrain": PretrainStage}
+STAGES: dict[str, Callable[..., Stage]] = {"pretrain": PretrainStage, "sft": SFTStage}
 
 
 def get_stage(name: str) -> Callable[..., Stage]:

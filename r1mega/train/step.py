@@ -154,6 +154,7 @@ def forward_backward(
     forward_step: Callable = lm_forward_step,
     forward_only: bool = False,
     keys: Sequence[str] = ("lm_loss",),
+    num_microbatches: int | None = None,
 ) -> dict[str, float]:
     """Run all micro-batches of one global batch; returns token-mean losses over the whole world."""
     cfg = trainer.cfg
@@ -164,7 +165,7 @@ def forward_backward(
         forward_step_func=forward_step,
         data_iterator=iterator,
         model=trainer.model if vpp > 1 else trainer.model[0],
-        num_microbatches=trainer.num_microbatches,
+        num_microbatches=num_microbatches or trainer.num_microbatches,
         seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.optim.micro_batch_size,
         forward_only=forward_only,
