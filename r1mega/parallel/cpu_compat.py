@@ -279,6 +279,8 @@ def _fp32_type_checks() -> None:
 def _tensor_cuda_calls() -> None:
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     _rewrite(language_module.LanguageModule, "setup_embeddings_and_output_layer", ("weight.data.cuda()", "weight.data"))
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    _rewrite(distrib.DistributedOptimizer, "get_parameter_state_dp_zero", ("send_tensor.cuda()", "send_tensor"))
 
 
 def _alltoall_split_sizes() -> None:

@@ -91,3 +91,19 @@ def test_malformed_jsonl_names_file_and_line(cold_start: Path, tmp_path: Path) -
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert f"{bad}:4" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sft_killed_mid_run_resumes_the_data_position_exactly(cold_start: Path, tmp_path: Path) -> None:
+    """The sampler position travels in the checkpoint: a SIGKILLed SFT run resumes to identical weights."""
+    from ckpt_utils import assert_identical, checkpoint_tensors, run_trainer
+
+    args = sft_args(cold_start, Path("unused")) + ["optim.train_steps=4", "checkpoint.save_interval=2"]
+    args = [a for a in args if not a.startswith("run_dir=")]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert run_trainer(args, straight).returncode == 0
+    assert run_trainer(args, crashed, kill_at="train_step:3").returncode == -9
+    resumed = run_trainer(args, crashed)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    final = "checkpoints/step_00000004"
+    assert_identical(checkpoint_tensors(straight / final), checkpoint_tensors(crashed / final))

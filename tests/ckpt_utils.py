@@ -1,0 +1,78 @@
+"""Run r1mega-train as a subprocess (optionally crashing it) and compare checkpoints tensor by tensor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_trainer(
+    args: list[str], run_dir: Path, *extra: str, kill_at: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run r1mega-train in its own session; afterwards kill whatever it left (a SIGKILLed trainer orphans
+    dist_checkpointing's multiprocessing manager, which would hold the output pipes open)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("R1MEGA_KILL_AT", None)
+    if kill_at:
+        env["R1MEGA_KILL_AT"] = kill_at
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / f"train-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "r1mega.cli.train", *args, f"run_dir={run_dir}", *extra],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, text, text)
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, read in a 1-process gloo group."""
+    import torch.distributed as dist
+    from dist_utils import free_port
+    from megatron.core import dist_checkpointing
+
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        return dist_checkpointing.load_plain_tensors(str(checkpoint))
+    finally:
+        if owner:
+            dist.destroy_process_group()
+
+
+def _flat(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif torch.is_tensor(value):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    a, b = _flat(a), _flat(b)
+    assert a.keys() == b.keys()
+    optim_keys = [k for k in a if k.startswith("optimizer")]
+    model_keys = [k for k in a if not k.startswith("optimizer")]
+    assert model_keys and optim_keys
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
