@@ -6,12 +6,18 @@ layers, megatron DDP, megatron's optimizer wrapper around ``torch.optim.AdamW``)
 ``transformers.Qwen2ForCausalLM`` (``attn_implementation="sdpa"``) trained by a hand-written loop
 (forward, token-mean cross entropy, backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``, ``zero_grad``).
 Both see the same fixed random batch, every token carrying loss, with the same dtype, thread count,
-optimizer hyper-parameters and parameter count (checked). It also times a large ``torch.matmul`` as
-the machine's ceiling, and reports tokens/s for both sides, their ratio (r1mega / HF), and the model
-FLOP/s each achieves as a fraction of that ceiling.
+optimizer hyper-parameters and parameter count (checked). It also times ``torch.matmul`` (an n x n x n
+product and the model's QKV, fc1 and logits GEMM shapes; the fastest is the ceiling) and reports
+tokens/s for both sides, their ratio (r1mega / HF), and the model FLOP/s each achieves as a fraction
+of that ceiling.
+
+The default vocabulary is 8192, CPU-sized: Qwen2's real 151,936 would put ~85% of the FLOPs of a
+hidden-512 model in the output layer, which both sides compute identically.
 
 Timing: after ``--warmup`` steps each, the two loops alternate in ``--rounds`` rounds of ``--steps``
-steps, so a load change on a shared machine hits both; tokens/s uses the median step time.
+steps, so a load change on a shared machine hits both. ``tok/s`` uses the median step time, ``best``
+the fastest step. With other processes on the CPUs, multi-threaded steps slow down several-fold (each
+OpenMP barrier waits for a descheduled thread); ``--threads 1`` is much steadier there.
 
 Model FLOPs per token are ``r1mega.models.params.flops_per_token(...).training``: 3 x (forward) with
 forward = 2 x (decoder matmul weights + output-layer weights) + causal attention (QK^T and AV over

@@ -369,7 +369,11 @@ class CheckpointConfig:
     load: str | None = None
     """Checkpoint to start from (weights only) when the run has none of its own to resume."""
     optimizer_format: str = "dp_reshardable"
-    """Distributed-optimizer state layout in checkpoints (megatron-core's distrib_optim_sharding_type)."""
+    """Distributed-optimizer state layout in checkpoints (megatron-core's distrib_optim_sharding_type); all
+    resume bit-identically. dp_reshardable: each rank writes its own shard, no gather (megatron's default, the
+    fastest at scale); loads at another DP size but the same TP/PP/EP/precision. fully_reshardable: gathered
+    per model tensor over DP at each save; loads into any layout. dp_zero_gather_scatter: deprecated, gathers
+    on DP rank 0. (fully_sharded_model_space cannot be saved by megatron-core 0.16.1.)"""
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in the folder."""
 
@@ -377,7 +381,7 @@ class CheckpointConfig:
         _check_choice(
             "checkpoint.optimizer_format",
             self.optimizer_format,
-            ("dp_reshardable", "fully_reshardable", "fully_sharded_model_space", "dp_zero_gather_scatter"),
+            ("dp_reshardable", "fully_reshardable", "dp_zero_gather_scatter"),
         )
         if self.save_interval < 0:
             raise ConfigError("checkpoint.save_interval", self.save_interval, "0 or more")

@@ -29,7 +29,8 @@ The accommodations:
 5. ``missing_te_gemm``: without Transformer Engine, ``moe_utils.te_general_gemm`` is never defined and
    every router fails with NameError; it is defined as None.
 6. ``tensor_cuda_calls``: ``.cuda()`` on the embedding shared between the first and last pipeline
-   stages (tied embeddings, or MTP on the last stage) is dropped.
+   stages (tied embeddings, or MTP on the last stage) is dropped, and on the distributed optimizer's
+   state shards it all-gathers to save a ``fully_reshardable`` checkpoint.
 7. ``te_stand_ins``: without TE, megatron-core's TE extension module still imports with mock classes,
    and MLA then calls ``isinstance`` with a mock; MLA is told TE is absent.
 
