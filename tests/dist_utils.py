@@ -19,6 +19,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """This process's environment plus torchrun's variables for ``rank`` of ``world_size``."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+
+
 def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float = 240) -> list[str]:
     """Start ``world_size`` ranks of ``python script args`` with torchrun's variables; return their stdout.
 
@@ -27,16 +40,7 @@ def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float 
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONWARNINGS="ignore",
-        )
+        env = dict(rank_env(rank, world_size, port), PYTHONWARNINGS="ignore")
         procs.append(
             subprocess.Popen(
                 [sys.executable, script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

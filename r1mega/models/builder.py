@@ -8,7 +8,6 @@ parallel state, initialised by ``r1mega.parallel.bootstrap``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -170,15 +169,3 @@ def build_model(cfg: R1Config, config: TransformerConfig | None = None) -> list[
         )
         chunks.append(model)
     return chunks
-
-
-def describe(config: TransformerConfig) -> dict[str, Any]:
-    """The non-default megatron-core settings, for logs and checkpoint metadata."""
-    defaults = type(config).__dataclass_fields__
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        default = defaults[f.name].default
-        if default is not dataclasses.MISSING and value != default and isinstance(value, (int, float, str, bool, list)):
-            out[f.name] = value
-    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_utils import assert_identical, checkpoint_tensors
-from dist_utils import free_port
+from dist_utils import free_port, rank_env
 
 STEPS = 3
 ARGS = [
@@ -44,15 +44,7 @@ def _train(run_dir: Path, ranks: int, *extra: str, kill_at: str | None = None, t
     run_dir.mkdir(parents=True, exist_ok=True)
     port, procs, logs = free_port(), [], []
     for rank in range(ranks):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(ranks),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
+        env = rank_env(rank, ranks, port)
         env.pop("R1MEGA_KILL_AT", None)
         if kill_at:
             env["R1MEGA_KILL_AT"] = kill_at
