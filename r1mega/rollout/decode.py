@@ -1,0 +1,243 @@
+"""Incremental (KV-cached) forward of an r1mega ``GPTModel`` for generation, on the model's own weights.
+
+The training forward recomputes every position; generation needs one new token per step against a cache.
+``CachedDecoder`` walks the same megatron-core modules (embedding, layers, final norm, output layer) and
+reads their weights, so there is one set of weights and no conversion step between training and rollout:
+
+- **MLA** runs in DeepSeek's absorbed form: the cache holds the normalised compressed KV and the RoPE'd
+  decoupled key; the key up-projection is folded into the query (``q_nope @ W_UK``) and the value
+  up-projection into the output (``(attn @ c) @ W_UV``), so keys and values are never expanded per head.
+- **GQA** (Qwen2 / Llama) caches per-group keys and values; query heads of a group share one batched matmul.
+- **MoE** layers are called as modules (router with the expert-bias, shared experts, token dispatcher),
+  so expert parallelism works as in training; under tensor parallelism with sequence parallelism each
+  TP rank routes its share of the tokens and the outputs are all-gathered, exactly as in training.
+
+Tensor parallelism: column-parallel weights give this rank's heads; row-parallel outputs and the vocab-
+parallel embedding are all-reduced; logits are gathered over the vocabulary. Pipeline parallelism is not
+supported here (the engine refuses it with a message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from torch import Tensor
+
+from r1mega.rollout.kv_cache import KVCache
+
+
+@dataclass
+class StepInputs:
+    """Where the new tokens go and what they may attend to."""
+
+    start: int
+    """Cache slot of the first new token (all rows share slots; prompts are left-padded)."""
+    positions: Tensor
+    """(b, s) RoPE positions of the new tokens."""
+    bias: Tensor
+    """(b, s, start + s) additive attention bias: 0 where a query may attend, -inf elsewhere."""
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
+
+
+class CachedDecoder:
+    """KV-cached forward of one (pipeline-complete) megatron-core ``GPTModel``."""
+
+    def __init__(self, model: GPTModel, max_len: int) -> None:
+        if not (model.pre_process and model.post_process):
+            raise ValueError(
+                "the rollout engine needs the whole model on each rank: set parallel.pipeline_model_parallel_size=1 "
+                "for generation (tensor and expert parallelism are supported)"
+            )
+        self.model = model
+        self.config = config = model.config
+        self.mla = bool(getattr(config, "multi_latent_attention", False))
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.layers = list(model.decoder.layers)
+        self.eps = config.layernorm_epsilon
+        self.max_len = max_len
+        self.freqs, self.mscale = self._rope_table(max_len)  # (max_len, rot_dim)
+        if not self.mla and config.num_query_groups < self.tp:
+            raise ValueError(
+                f"the rollout engine needs model.num_query_groups ({config.num_query_groups}) >= tensor parallel "
+                f"size ({self.tp})"
+            )
+
+    # ---- building blocks -------------------------------------------------------------------------------
+
+    def _rope_table(self, max_len: int) -> tuple[Tensor, float]:
+        if self.mla:
+            rope = self.layers[0].self_attention.rotary_pos_emb
+            out = rope(max_len)
+            emb, mscale = out if isinstance(out, tuple) else (out, 1.0)
+        else:
+            emb, mscale = self.model.rotary_pos_emb(max_len), 1.0
+        return emb.reshape(max_len, -1).float(), float(mscale)  # (max_len, rot_dim)
+
+    def _linear(self, module: torch.nn.Module, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """A column-parallel (or duplicated) linear: this rank's output features, no communication."""
+        ln = getattr(module, "layer_norm_weight", None)  # TE's fused LayerNormColumnParallelLinear
+        if ln is not None:
+            x = _rms_norm(x, ln, self.eps)
+        bias = getattr(module, "bias", None)
+        if bias is not None and getattr(module, "skip_bias_add", False):
+            bias = None
+        w = module.weight if weight is None else weight
+        return F.linear(x, w, bias if isinstance(bias, Tensor) and bias.numel() else None)
+
+    def _row(self, module: torch.nn.Module, x: Tensor) -> Tensor:
+        """A row-parallel linear: partial sums all-reduced over tensor-parallel ranks."""
+        out = F.linear(x, module.weight)
+        if self.tp > 1:
+            torch.distributed.all_reduce(out, group=self.tp_group)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor) and bias.numel():
+            out = out + bias
+        return out
+
+    def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
+        """RoPE on ``t`` (s, b, heads, d) at ``positions`` (b, s)."""
+        freqs = self.freqs[positions.t()].unsqueeze(2)  # (s, b, 1, rot_dim)
+        return _apply_rotary_pos_emb_bshd(
+            t,
+            freqs,
+            rotary_interleaved=self.config.rotary_interleaved,
+            multi_latent_attention=self.mla,
+            mscale=self.mscale,
+        )
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings (s, b, h) for ``ids`` (s, b), summed over vocab-parallel shards."""
+        emb = self.model.embedding.word_embeddings
+        if self.tp == 1:
+            return F.embedding(ids, emb.weight)
+        outside = (ids < emb.vocab_start_index) | (ids >= emb.vocab_end_index)
+        local = (ids - emb.vocab_start_index).masked_fill(outside, 0)
+        out = F.embedding(local, emb.weight).masked_fill(outside[..., None], 0.0)
+        torch.distributed.all_reduce(out, group=self.tp_group)
+        return out
+
+    # ---- attention ---------------------------------------------------------------------------------------
+
+    def _mla(self, attn: torch.nn.Module, h: Tensor, step: StepInputs, latent: Tensor) -> Tensor:
+        """Absorbed MLA on ``h`` (s, b, hidden) against the latent cache (b, max_len, r + dr)."""
+        c = self.config
+        s, b = h.shape[:2]
+        n, dn, dr, dv, r = (
+            attn.num_attention_heads_per_partition,
+            c.qk_head_dim,
+            c.qk_pos_emb_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        )
+        if c.q_lora_rank is not None:
+            q = self._linear(attn.linear_q_up_proj, attn.q_layernorm(self._linear(attn.linear_q_down_proj, h)))
+        else:
+            q = self._linear(attn.linear_q_proj, h)
+        q_nope, q_pe = q.view(s, b, n, dn + dr).split([dn, dr], dim=-1)  # (s, b, n, dn), (s, b, n, dr)
+        kv_c, k_pe = self._linear(attn.linear_kv_down_proj, h).split([r, dr], dim=-1)  # (s, b, r), (s, b, dr)
+        kv_c = attn.kv_layernorm(kv_c)
+        ln = getattr(attn.linear_kv_up_proj, "layer_norm_weight", None)
+        if ln is not None:
+            kv_c = _rms_norm(kv_c, ln, self.eps)
+        q_pe = self._rope(q_pe, step.positions)
+        k_pe = self._rope(k_pe.unsqueeze(2), step.positions).squeeze(2)  # (s, b, dr)
+        end = step.start + s
+        latent[:, step.start : end] = torch.cat([kv_c, k_pe], dim=-1).transpose(0, 1)  # (b, s, r + dr)
+        keys = latent[:, :end]  # (b, S, r + dr)
+        w_kv = attn.linear_kv_up_proj.weight.view(n, dn + dv, r)
+        w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # (n, dn, r), (n, dv, r)
+        q_lat = torch.einsum("sbnd,ndr->bsnr", q_nope, w_uk)  # (b, s, n, r)
+        query = torch.cat([q_lat, q_pe.transpose(0, 1)], dim=-1).reshape(b, s * n, r + dr)
+        scores = torch.bmm(query, keys.transpose(1, 2)).view(b, s, n, end).float() * attn.softmax_scale
+        probs = torch.softmax(scores + step.bias[:, :, None, :], dim=-1).to(h.dtype)  # (b, s, n, S)
+        ctx = torch.bmm(probs.view(b, s * n, end), keys[..., :r]).view(b, s, n, r)
+        out = torch.einsum("bsnr,nvr->sbnv", ctx, w_uv).reshape(s, b, n * dv)
+        return self._row(attn.linear_proj, out)
+
+    def _gqa(self, attn: torch.nn.Module, h: Tensor, step: StepInputs, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Grouped-query attention on ``h`` (s, b, hidden) against K/V caches (b, groups, max_len, d)."""
+        s, b = h.shape[:2]
+        ng = attn.num_query_groups_per_partition
+        npg = attn.num_attention_heads_per_partition // ng
+        d = attn.hidden_size_per_attention_head
+        qkv = self._linear(attn.linear_qkv, h).view(s, b, ng, (npg + 2) * d)
+        q, k, v = qkv.split([npg * d, d, d], dim=-1)
+        q = q.reshape(s, b, ng * npg, d)
+        if attn.q_layernorm is not None:
+            q = attn.q_layernorm(q)
+        if attn.k_layernorm is not None:
+            k = attn.k_layernorm(k)
+        q, k = self._rope(q, step.positions), self._rope(k, step.positions)
+        end = step.start + s
+        k_cache[:, :, step.start : end] = k.permute(1, 2, 0, 3)  # (b, ng, s, d)
+        v_cache[:, :, step.start : end] = v.permute(1, 2, 0, 3)
+        q = q.view(s, b, ng, npg, d).permute(1, 2, 3, 0, 4).reshape(b, ng, npg * s, d)
+        scale = attn.core_attention.softmax_scale if hasattr(attn.core_attention, "softmax_scale") else d**-0.5
+        scores = torch.matmul(q, k_cache[:, :, :end].transpose(-1, -2)).view(b, ng, npg, s, end)
+        probs = torch.softmax(scores.float() * scale + step.bias[:, None, None], dim=-1).to(h.dtype)
+        ctx = torch.matmul(probs.view(b, ng, npg * s, end), v_cache[:, :, :end])  # (b, ng, npg * s, d)
+        out = ctx.view(b, ng, npg, s, d).permute(3, 0, 1, 2, 4).reshape(s, b, ng * npg * d)
+        return self._row(attn.linear_proj, out)
+
+    # ---- MLP -----------------------------------------------------------------------------------------------
+
+    def _mlp(self, mlp: torch.nn.Module, h: Tensor) -> Tensor:
+        if isinstance(mlp, MoELayer):
+            return self._moe(mlp, h)
+        x = self._linear(mlp.linear_fc1, h)
+        if self.config.gated_linear_unit:
+            gate, up = x.chunk(2, dim=-1)
+            x = self.config.activation_func(gate) * up
+        else:
+            x = self.config.activation_func(x)
+        return self._row(mlp.linear_fc2, x)
+
+    def _moe(self, mlp: MoELayer, h: Tensor) -> Tensor:
+        s, b, hidden = h.shape
+        if self.tp == 1 or not self.config.sequence_parallel:
+            return mlp(h)[0]
+        # Sequence-parallel semantics, as in training: each TP rank routes its share of the tokens.
+        tokens = h.reshape(s * b, 1, hidden)
+        share = -(-tokens.shape[0] // self.tp)
+        tokens = F.pad(tokens, (0, 0, 0, 0, 0, share * self.tp - tokens.shape[0]))
+        out = mlp(tokens[self.tp_rank * share : (self.tp_rank + 1) * share].contiguous())[0]
+        out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False, group=self.tp_group)
+        return out[: s * b].view(s, b, hidden)
+
+    # ---- the step ------------------------------------------------------------------------------------------
+
+    def step(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
+        """Run ``ids`` (b, s) at cache slots ``[start, start + s)``; full-vocab fp32 logits (b, V) of the
+        last position of each row."""
+        x = self._embed(ids.t())  # (s, b, hidden)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            if self.mla:
+                x = x + self._mla(layer.self_attention, h, step, cache.latent[i])
+            else:
+                x = x + self._gqa(layer.self_attention, h, step, cache.keys[i], cache.values[i])
+            x = x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
+        h = self.model.decoder.final_layernorm(x[-1:])  # (1, b, hidden)
+        weight = (
+            self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
+        )
+        logits = self._linear(self.model.output_layer, h, weight)
+        if self.tp > 1:
+            logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+        return logits[0].float()  # (b, V)

@@ -1,0 +1,53 @@
+"""One rank of a rollout run: greedy and seeded sampling from a fixed-seed tiny model; writes JSON.
+
+Usage: engine_worker.py OUT_DIR MODEL LAYOUT. The single-process run saves its weights and every
+other layout loads them. Under expert parallelism each rank takes its own prompts (it is a
+data-parallel rank) and gets a different length limit, so ranks finish at different steps.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from r1mega.checkpoint.weights import load_weights, save_weights
+from r1mega.config.load import compose_config
+from r1mega.models.builder import build_model
+from r1mega.parallel.bootstrap import destroy, initialize
+from r1mega.rollout.engine import RolloutEngine
+from r1mega.rollout.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [100, 200, 300, 400, 500, 600, 700], [42], [7, 7, 7, 9]]
+
+
+def main(out: str, model: str, layout: str) -> None:
+    cfg = compose_config([f"model={model}", f"parallel={layout}", "model.init_method_std=0.2"])
+    ctx = initialize(cfg)
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(1234)
+    chunks = build_model(cfg)
+    init = os.path.join(out, f"init-{model}")
+    if layout == "single":  # the other layouts load these weights (resharded by dist-checkpointing)
+        save_weights(chunks, init)
+    else:
+        load_weights(chunks, init)
+    engine = RolloutEngine(chunks, seed=7)
+    ep = cfg.parallel.expert_model_parallel_size
+    mine = list(range(len(PROMPTS)))[rank::ep] if ep > 1 else list(range(len(PROMPTS)))
+    prompts = [PROMPTS[i] for i in mine]
+    result = {}
+    for name, params in {
+        "greedy": SamplingParams(temperature=0, max_new_tokens=10 - 3 * rank * (ep > 1)),
+        "sampled": SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * rank * (ep > 1), seed=99),
+    }.items():
+        outs = engine.generate(prompts, params)
+        result[name] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
+    with open(os.path.join(out, f"{layout}-{model}-rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    del ctx
+    destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
