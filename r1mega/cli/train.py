@@ -36,12 +36,14 @@ def app(dcfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from r1mega.parallel import bootstrap
     from r1mega.train.loop import NonFiniteError, train
+    from r1mega.train.signals import PREEMPTED_EXIT_CODE
 
     try:
         ctx = bootstrap.initialize(cfg)
     except ConfigError as e:
         exit_on_config_error(e)
     from r1mega.checkpoint.manager import CheckpointError
+    from r1mega.data.prompts import PromptDataError
     from r1mega.data.sft import SFTDataError
     from r1mega.data.tokenizer import TokenizerError
 
@@ -49,9 +51,10 @@ def app(dcfg: DictConfig) -> None:
         result = train(cfg, ctx)
         if result.preempted:
             print(f"r1mega: stopped at step {result.step} on request; checkpoint saved", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
     except ConfigError as e:
         exit_on_config_error(e)
-    except (SFTDataError, TokenizerError, CheckpointError) as e:
+    except (SFTDataError, PromptDataError, TokenizerError, CheckpointError) as e:
         print(f"r1mega: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:

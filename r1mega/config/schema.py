@@ -11,6 +11,7 @@ typed object); checks that need several groups live in ``r1mega.config.validate`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from r1mega.config.errors import ConfigError
@@ -406,7 +407,7 @@ class LoggingConfig:
         _check_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "grpo")
 
 
 @dataclass
@@ -414,8 +415,9 @@ class StageConfig:
     """Which stage of the R1 pipeline runs, and its stage-level options."""
 
     name: str = "pretrain"
-    """Stage: pretrain (next-token prediction on the data source) or sft (supervised fine-tuning on chat JSONL:
-    cold start, rejection-sampled data, distillation traces)."""
+    """Stage: pretrain (next-token prediction on the data source), sft (supervised fine-tuning on chat JSONL:
+    cold start, rejection-sampled data, distillation traces) or grpo (reinforcement learning with
+    group-relative advantages and rule-based rewards; the ``grpo`` and ``reward`` groups configure it)."""
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0: never)."""
     eval_batches: int = 8
@@ -464,6 +466,210 @@ class DataConfig:
                     raise ConfigError(f"data.{key}", None, "a path when data.source=jsonl")
 
 
+# The GRPO maths registered in r1mega.rl (tests/rl/test_config.py checks these match the registries; the
+# names live here so that composing a config never imports torch).
+ADV_ESTIMATOR_NAMES = ("dr_grpo", "grpo", "grpo_batch_norm", "rloo")
+POLICY_LOSS_NAMES = ("gspo", "ppo")
+LOSS_AGG_NAMES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-mean")
+KL_ESTIMATOR_NAMES = ("k1", "k2", "k3", "low_var_kl")
+_LOSS = "grpo.loss"
+
+
+def _check_loss_at_least(name: str, value: float, low: float, strict: bool = False) -> None:
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{_LOSS}.{name}", value, f"a number {'>' if strict else '>='} {low}")
+
+
+@dataclass
+class GRPOLossConfig:
+    """How rewards become advantages and how the policy loss is formed, clipped, aggregated and regularised."""
+
+    adv_estimator: str = "grpo"
+    """Advantage estimator: grpo ((r-mean)/(std+eps), unbiased group std), dr_grpo (r-mean), grpo_batch_norm
+    (group-centred, divided by the batch std) or rloo (leave-one-out baseline). Dr. GRPO's "no std" is
+    chosen here, so there is no separate norm_adv_by_std switch."""
+    adv_eps: float = 1e-6
+    """Added to the std in grpo and grpo_batch_norm: A = (r - mean) / (std + adv_eps)."""
+    clip_eps_low: float = 0.2
+    """Lower PPO clip: the ratio is clipped below at 1 - clip_eps_low (for negative advantages)."""
+    clip_eps_high: float = 0.2
+    """Upper PPO clip: the ratio is clipped above at 1 + clip_eps_high (for positive advantages).
+    DAPO's clip-higher uses 0.28 with clip_eps_low 0.2; GSPO uses 4e-4 with 3e-4."""
+    clip_ratio_c: float | None = None
+    """Dual-clip bound (> 1, typically 3): for negative advantages the per-token loss is capped at
+    -A * clip_ratio_c, so a huge ratio cannot blow up the loss. None turns dual-clip off."""
+    policy_loss: str = "ppo"
+    """Policy loss: ppo (token-level ratio, clipped surrogate) or gspo (sequence-level ratio)."""
+    loss_agg_mode: str = "token-mean"
+    """How per-token losses become a scalar: token-mean, seq-mean-token-mean (GRPO paper),
+    seq-mean-token-sum, or seq-mean-token-sum-norm (Dr. GRPO; needs max_response_length)."""
+    kl_coef: float = 0.001
+    """Weight of the KL(pi || pi_ref) regulariser; 0 turns it off (and the reference model is not needed)."""
+    kl_estimator: str = "low_var_kl"
+    """KL estimator: k1, k2, k3 or low_var_kl (k3 clamped to [-10, 10], verl's default for the KL loss)."""
+    kl_in_reward: bool = False
+    """Subtract kl_coef * sum_t KL_t(pi_old || pi_ref) from the reward before the advantages instead of
+    adding kl_coef * KL to the loss (never both)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus: the loss gets - entropy_coef * aggregated entropy. 0 turns it off."""
+    max_response_length: int | None = None
+    """Constant normaliser of seq-mean-token-sum-norm (set it to the generation limit); None for other modes."""
+
+    def __post_init__(self) -> None:
+        _check_choice(f"{_LOSS}.adv_estimator", self.adv_estimator, ADV_ESTIMATOR_NAMES)
+        _check_choice(f"{_LOSS}.policy_loss", self.policy_loss, POLICY_LOSS_NAMES)
+        _check_choice(f"{_LOSS}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_NAMES)
+        _check_choice(f"{_LOSS}.kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
+        _check_loss_at_least("adv_eps", self.adv_eps, 0.0, strict=True)
+        if not 0.0 <= self.clip_eps_low < 1.0:
+            raise ConfigError(f"{_LOSS}.clip_eps_low", self.clip_eps_low, "a number in [0, 1) so that 1 - eps > 0")
+        _check_loss_at_least("clip_eps_high", self.clip_eps_high, 0.0)
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ConfigError(f"{_LOSS}.clip_ratio_c", self.clip_ratio_c, "None (off) or a number > 1, e.g. 3.0")
+        _check_loss_at_least("kl_coef", self.kl_coef, 0.0)
+        _check_loss_at_least("entropy_coef", self.entropy_coef, 0.0)
+        if self.max_response_length is not None and self.max_response_length <= 0:
+            raise ConfigError(f"{_LOSS}.max_response_length", self.max_response_length, "None or a positive int")
+        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.max_response_length is None:
+            raise ConfigError(
+                f"{_LOSS}.max_response_length",
+                None,
+                "a positive int (the generation limit) when loss_agg_mode is seq-mean-token-sum-norm",
+            )
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO stage: rollouts per step, sampling, update passes, sampling controls and evaluation.
+
+    One step samples ``group_size`` responses for each of ``prompts_per_step`` prompts (split over data-parallel
+    ranks), scores them, then makes ``ppo_epochs * mini_batches`` optimizer updates on that rollout batch with
+    the sampling-time log-probabilities as the old policy. ``optim.train_steps`` counts GRPO steps.
+    """
+
+    prompts_per_step: int = 8
+    """Prompts per step over all data-parallel ranks."""
+    group_size: int = 8
+    """Responses sampled per prompt (G); advantages are relative to the group."""
+    max_new_tokens: int = 256
+    """Response length limit in tokens (the forced prefix is part of the prompt)."""
+    temperature: float = 1.0
+    """Rollout temperature (training-time log-probabilities use the same temperature)."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling (1: off, which keeps the sampling distribution equal to the policy)."""
+    top_k: int = 0
+    """Rollout top-k (0: off)."""
+    prefix: str = "<think>\n"
+    """Forced start of every response, appended to the prompt (R1's recommendation)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batches: int = 1
+    """Optimizer updates per pass (the rollout batch is split into this many mini-batches)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal and sample new prompts to refill."""
+    max_sampling_rounds: int = 3
+    """Sampling rounds per step with dynamic sampling; after the last, zero-variance groups fill the batch."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: responses cut by the length limit carry no loss."""
+    eval_samples: int = 4
+    """Samples per held-out prompt in evaluation (pass@1 is averaged over them; cons@k votes over them)."""
+    eval_prompts: int = 0
+    """Held-out prompts per evaluation (0: all of data.eval_path)."""
+    eval_temperature: float = 0.6
+    """Evaluation temperature (R1's protocol: 0.6)."""
+    eval_top_p: float = 0.95
+    """Evaluation nucleus sampling (R1's protocol: 0.95)."""
+    eval_max_new_tokens: int | None = None
+    """Evaluation length limit (None: max_new_tokens)."""
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    """Advantages, policy loss, aggregation, KL and entropy (``r1mega.rl``)."""
+
+    def __post_init__(self) -> None:
+        for key in ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches"):
+            _check_positive(f"grpo.{key}", getattr(self, key))
+        _check_positive("grpo.max_sampling_rounds", self.max_sampling_rounds)
+        _check_positive("grpo.eval_samples", self.eval_samples)
+        _check_positive("grpo.eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
+        if self.eval_prompts < 0:
+            raise ConfigError("grpo.eval_prompts", self.eval_prompts, "0 (all) or more")
+        for key in ("temperature", "eval_temperature"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"grpo.{key}", getattr(self, key), "0 (greedy) or more")
+        for key in ("top_p", "eval_top_p"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"grpo.{key}", getattr(self, key), "a number in (0, 1]")
+        if self.temperature == 0:
+            raise ConfigError("grpo.temperature", 0, "> 0: greedy rollouts give a group no variety to compare")
+        if self.top_k < 0:
+            raise ConfigError("grpo.top_k", self.top_k, "0 (off) or more")
+        if self.group_size < 2 and self.loss.adv_estimator != "dr_grpo":
+            raise ConfigError(
+                "grpo.group_size", self.group_size, "at least 2 (advantages compare responses in a group)"
+            )
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates one GRPO step makes."""
+        return self.ppo_epochs * self.mini_batches
+
+
+REWARD_START_METHODS = ("forkserver", "spawn")
+
+
+@dataclass
+class RewardConfig:
+    """Rule-based rewards of the GRPO stage and the verifier worker pool that computes them (``r1mega.rewards``)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0, "language": 1.0})
+    """Reward name -> weight of its value in the scalar reward (weight 0: computed and logged only). R1 sums
+    accuracy and format (R1-Zero) and adds language consistency in its reasoning RL stage. Registered names:
+    accuracy (0/1), format (0/1), language (share in [0, 1]), overlong (DAPO, [-1, 0]) and length
+    (Kimi-1.5, [-0.5, 0.5] within a group; needs accuracy). A config override adds keys to the defaults,
+    so set a default reward to 0 to turn it off."""
+    time_limit_s: float = 1.0
+    """Hard wall-time limit of one answer verification; past it the answer scores 0 (the worker is killed if
+    it does not stop by itself)."""
+    num_workers: int = 4
+    """Verifier worker processes per trainer process; a batch takes about ceil(samples / num_workers) x the
+    per-sample verification time, bounded by time_limit_s per sample."""
+    start_method: str = "forkserver"
+    """How verifier workers start: forkserver (math-verify preloaded once, replacements in milliseconds) or
+    spawn. Never fork: the trainer holds threads."""
+    worker_memory_mb: int | None = 2048
+    """Address-space limit of each verifier worker in MiB (an answer that needs more scores 0); None: no limit."""
+    max_answer_chars: int = 1000
+    """A final answer longer than this scores 0 without being parsed; only the answer is sent to the workers."""
+    overlong_buffer_tokens: int = 4096
+    """DAPO's L_cache: the overlong penalty ramps from 0 to -1 over the last this-many tokens before L_max."""
+    overlong_max_tokens: int | None = None
+    """DAPO's L_max; None: each sample's generation limit (``RewardInput.max_tokens``)."""
+
+    def __post_init__(self) -> None:
+        from r1mega.rewards import REWARDS  # here: the registry fills as the reward modules import
+
+        for name, weight in self.weights.items():
+            if name not in REWARDS:
+                raise ConfigError(
+                    f"reward.weights.{name}", weight, f"a weight of a registered reward: {', '.join(sorted(REWARDS))}"
+                )
+            if not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ConfigError(f"reward.weights.{name}", weight, "a finite number")
+            for needed in REWARDS[name].requires:
+                if needed not in self.weights:
+                    raise ConfigError(
+                        f"reward.weights.{needed}",
+                        None,
+                        f"a weight (0 to only compute it): reward.weights.{name} needs it",
+                    )
+        _check_positive("reward.time_limit_s", self.time_limit_s)
+        _check_positive("reward.num_workers", self.num_workers)
+        _check_choice("reward.start_method", self.start_method, REWARD_START_METHODS)
+        _check_positive("reward.worker_memory_mb", self.worker_memory_mb, allow_none=True)
+        _check_positive("reward.max_answer_chars", self.max_answer_chars)
+        _check_positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
+        _check_positive("reward.overlong_max_tokens", self.overlong_max_tokens, allow_none=True)
+
+
 @dataclass
 class R1Config:
     """The whole run: one field per config group."""
@@ -476,6 +682,8 @@ class R1Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 1234
     """Seed of model initialisation."""
     run_dir: str = "runs/default"

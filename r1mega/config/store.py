@@ -20,6 +20,8 @@ GROUPS = {
     "logging": schema.LoggingConfig,
     "stage": schema.StageConfig,
     "data": schema.DataConfig,
+    "grpo": schema.GRPOConfig,
+    "reward": schema.RewardConfig,
 }
 
 

@@ -78,9 +78,13 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
     _validate_pipeline(cfg)
     _validate_precision(cfg, accel)
     _validate_batches(cfg, dp)
-    if cfg.stage.name == "sft" and cfg.data.source != "jsonl":
+    if cfg.stage.name == "grpo":
+        _validate_grpo(cfg, dp)
+    if cfg.stage.name in ("sft", "grpo") and cfg.data.source != "jsonl":
         raise ConfigError(
-            "data.source", cfg.data.source, "jsonl for stage.name=sft (with data.train_path and data.tokenizer)"
+            "data.source",
+            cfg.data.source,
+            f"jsonl for stage.name={cfg.stage.name} (with data.train_path and data.tokenizer)",
         )
     if cfg.data.seq_length > m.max_position_embeddings:
         raise ConfigError(
@@ -222,3 +226,25 @@ def _validate_batches(cfg: R1Config, dp: int) -> None:
             f"a number of micro-batches ({microbatches}) divisible by parallel.pipeline_model_parallel_size="
             f"{p.pipeline_model_parallel_size} (interleaved pipeline)",
         )
+
+
+def _validate_grpo(cfg: R1Config, dp: int) -> None:
+    g, mbs = cfg.grpo, cfg.optim.micro_batch_size
+    if cfg.parallel.pipeline_model_parallel_size != 1:
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size",
+            cfg.parallel.pipeline_model_parallel_size,
+            "1 for stage.name=grpo (the rollout engine needs the whole model on a rank; use TP/EP to split it)",
+        )
+    if g.prompts_per_step % dp:
+        raise ConfigError("grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {dp}")
+    responses = g.prompts_per_step // dp * g.group_size
+    if responses % (g.mini_batches * mbs):
+        raise ConfigError(
+            "grpo.mini_batches",
+            g.mini_batches,
+            f"a divisor of the {responses} responses per rank and step that leaves a multiple of "
+            f"optim.micro_batch_size={mbs} per mini-batch",
+        )
+    if g.prefix and cfg.data.tokenizer is None:
+        raise ConfigError("data.tokenizer", None, "a tokenizer directory for stage.name=grpo")

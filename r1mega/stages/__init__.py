@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from r1mega.stages.base import Stage
+from r1mega.stages.grpo import GRPOStage
 from r1mega.stages.pretrain import PretrainStage
 from r1mega.stages.sft import SFTStage
 
-STAGES: dict[str, Callable[..., Stage]] = {"pretrain": PretrainStage, "sft": SFTStage}
+STAGES: dict[str, Callable[..., Stage]] = {"pretrain": PretrainStage, "sft": SFTStage, "grpo": GRPOStage}
 
 
 def get_stage(name: str) -> Callable[..., Stage]:

@@ -37,3 +37,23 @@ class Stage(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the data position from a checkpoint."""
         ...
+
+
+class StepStage(Stage, Protocol):
+    """A stage that runs its own optimizer step(s) each loop step (GRPO: rollout, reward, updates).
+
+    The loop calls ``bind(trainer)`` once before any checkpoint is loaded, then ``train_step`` instead of
+    the shared ``train_step`` over ``batches``, and ``close`` at the end.
+    """
+
+    def bind(self, trainer: Trainer) -> None:
+        """Attach to the trainer's model (engines, reference models)."""
+        ...
+
+    def train_step(self, trainer: Trainer, step: int) -> dict[str, float]:
+        """One loop step; returns its metrics (``skipped`` included)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the stage started (worker processes)."""
+        ...

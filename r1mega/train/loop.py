@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.checkpoint.weights import load_weights
@@ -66,7 +69,12 @@ def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
     """Run the configured stage up to ``optim.train_steps`` steps, resuming if a checkpoint exists."""
     trainer = setup(cfg, ctx)
     stage = get_stage(cfg.stage.name)(cfg, ctx)
+    own_step = getattr(stage, "train_step", None)  # stages that run their own updates (GRPO)
+    if own_step is not None:
+        stage.bind(trainer)
     checkpoints = CheckpointManager(cfg)
+    if ctx.is_main:
+        _write_resolved_config(cfg)
     step = _resume(cfg, trainer, stage, checkpoints)
     metrics = MetricsWriter(cfg, ctx, initial_step=step)
     preemption = PreemptionHandler()
@@ -75,7 +83,10 @@ def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
     try:
         while step < cfg.optim.train_steps:
             start = time.perf_counter()
-            m = train_step(trainer, stage.batches(step), stage.forward_step())
+            if own_step is not None:
+                m = own_step(trainer, step)
+            else:
+                m = train_step(trainer, stage.batches(step), stage.forward_step())
             m["tokens_per_s"] = stage.tokens_per_step() / (time.perf_counter() - start)
             step += 1
             kill_point("train_step", step)
@@ -103,8 +114,17 @@ def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
     finally:
         preemption.close()
         metrics.close()
+        if hasattr(stage, "close"):
+            stage.close()
     result.step = step
     return result
+
+
+def _write_resolved_config(cfg: R1Config) -> None:
+    """``<run_dir>/config.yaml``: the resolved config of this run, rewritten at every (re)start."""
+    path = Path(cfg.run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def _saved_step(checkpoints: CheckpointManager) -> int:

@@ -88,6 +88,8 @@ def wrap_model(
 def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: list[torch.nn.Module], dp: int) -> Trainer:
     """Wrap ``chunks`` and create the optimizer and LR schedule."""
     o = cfg.optim
+    # The schedule counts optimizer updates; a GRPO step makes several.
+    updates = o.train_steps * (cfg.grpo.updates_per_step if cfg.stage.name == "grpo" else 1)
     model = wrap_model(cfg, config, chunks)
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -109,11 +111,11 @@ def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: list[torch.n
         max_lr=o.lr,
         min_lr=o.min_lr,
         lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=max(o.train_steps, 1),
+        lr_decay_steps=max(updates, 1),
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=max(o.train_steps, 1),
+        wd_incr_steps=max(updates, 1),
         wd_incr_style="constant",
     )
     # What megatron's training loop sets so the schedules reduce grads and update the expert bias.
@@ -212,15 +214,22 @@ def grads_finite(trainer: Trainer) -> bool:
 
 
 def train_step(
-    trainer: Trainer, batches: Iterator[Batch], forward_step: Callable = lm_forward_step
+    trainer: Trainer,
+    batches: Iterator[Batch],
+    forward_step: Callable = lm_forward_step,
+    keys: Sequence[str] = ("lm_loss",),
+    num_microbatches: int | None = None,
 ) -> dict[str, float]:
-    """Zero grads, forward-backward over the global batch, then step unless anything is non-finite."""
+    """Zero grads, forward-backward over the global batch, then step unless anything is non-finite.
+
+    ``keys`` are the reports the forward step's loss returns; the first is the loss checked for finiteness.
+    """
     for model in trainer.model:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     biases = [(b, b.clone()) for b in trainer.expert_biases]
-    metrics = forward_backward(trainer, batches, forward_step)
-    loss = metrics.get("lm_loss", float("nan"))
+    metrics = forward_backward(trainer, batches, forward_step, keys=keys, num_microbatches=num_microbatches)
+    loss = metrics.get(keys[0], float("nan"))
     finite = math.isfinite(loss) and grads_finite(trainer)
     grad_norm = float("nan")
     if finite:

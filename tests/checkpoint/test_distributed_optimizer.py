@@ -10,19 +10,14 @@ names the fix, before anything is read.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from ckpt_utils import assert_identical, checkpoint_tensors
-from dist_utils import free_port, rank_env
+from ckpt_utils import assert_identical, checkpoint_tensors, run_trainer_ranks
 
 STEPS = 3
 ARGS = [
@@ -38,41 +33,7 @@ ARGS = [
 
 
 def _train(run_dir: Path, ranks: int, *extra: str, kill_at: str | None = None, timeout: float = 300) -> list[str]:
-    """Run ``ranks`` processes of r1mega-train (torchrun's variables, as run_ranks sets them); return each
-    rank's log, headed ``[rc=N]``. Each rank gets its own session, killed afterwards: a SIGKILLed trainer
-    orphans dist_checkpointing's multiprocessing manager, which would hold the log files open."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    port, procs, logs = free_port(), [], []
-    for rank in range(ranks):
-        env = rank_env(rank, ranks, port)
-        env.pop("R1MEGA_KILL_AT", None)
-        if kill_at:
-            env["R1MEGA_KILL_AT"] = kill_at
-        logs.append(run_dir / f"rank{rank}-{time.monotonic_ns()}.log")
-        with open(logs[-1], "w") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "r1mega.cli.train", *ARGS, f"run_dir={run_dir}", *extra],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    deadline = time.monotonic() + timeout
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    texts = [log.read_text() for log in logs]
-    return [f"[rc={code}]\n{text}" for code, text in zip(codes, texts, strict=True)]
+    return run_trainer_ranks(ARGS, run_dir, ranks, *extra, kill_at=kill_at, timeout=timeout)
 
 
 def _ok(outputs: list[str], code: int = 0) -> str:

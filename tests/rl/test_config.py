@@ -54,3 +54,17 @@ def test_bad_values_raise_config_error(field: str, value: object, valid: str) ->
 def test_sum_norm_needs_max_response_length() -> None:
     with pytest.raises(ConfigError, match=r"grpo\.loss\.max_response_length=None .*seq-mean-token-sum-norm"):
         GRPOLossConfig(loss_agg_mode="seq-mean-token-sum-norm")
+
+
+def test_schema_names_are_the_registries() -> None:
+    """The schema validates names without importing torch; they must be exactly what r1mega.rl registers."""
+    from r1mega.config import schema
+    from r1mega.rl.advantages import ADV_ESTIMATORS
+    from r1mega.rl.aggregation import LOSS_AGG_MODES
+    from r1mega.rl.kl import KL_ESTIMATORS
+    from r1mega.rl.policy_loss import POLICY_LOSSES
+
+    assert list(schema.ADV_ESTIMATOR_NAMES) == sorted(ADV_ESTIMATORS.names())
+    assert list(schema.POLICY_LOSS_NAMES) == sorted(POLICY_LOSSES.names())
+    assert list(schema.LOSS_AGG_NAMES) == sorted(LOSS_AGG_MODES.names())
+    assert list(schema.KL_ESTIMATOR_NAMES) == sorted(KL_ESTIMATORS.names())

@@ -1,0 +1,430 @@
+"""GRPO: reinforcement learning with group-relative advantages and rule-based rewards (DeepSeek-R1).
+
+Each step: take this rank's prompts, sample ``grpo.group_size`` responses per prompt from the current policy
+(the rollout engine, on the trainer's own weights), score them (the reward registry), turn rewards into
+group-relative advantages, then make ``ppo_epochs * mini_batches`` optimizer updates on that rollout batch
+with the sampling-time log-probabilities as the old policy. A frozen reference model (the starting weights)
+gives the KL term when ``grpo.loss.kl_coef > 0``; otherwise none is built. All RL maths comes from
+``r1mega.rl`` (registered, unit-tested pure functions).
+
+Data-parallel ranks sample their own prompts; losses are normalised over the whole rollout batch (global
+token / sequence counts), so the update does not depend on how it is split into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from r1mega.checkpoint.weights import load_weights, unwrap
+from r1mega.config.errors import ConfigError
+from r1mega.config.schema import R1Config, RewardConfig
+from r1mega.data.prompts import Prompt, PromptSampler, load_prompts, render_prompt
+from r1mega.data.tokenizer import load_tokenizer, pad_token_id
+from r1mega.eval.protocol import evaluate_prompts, summarize
+from r1mega.models.builder import build_model
+from r1mega.models.forward import forward_logits
+from r1mega.parallel.bootstrap import ParallelContext
+from r1mega.rewards import RewardInput
+from r1mega.rewards.scorer import RewardScorer
+from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from_logits, token_logprobs
+from r1mega.rl.kl import apply_kl_to_rewards
+from r1mega.rollout import Completion, RolloutEngine, SamplingParams
+from r1mega.train.step import Batch, Trainer, train_step
+from r1mega.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+SHARE_KEYS = ("loss", "pg_loss", "kl_loss", "entropy")
+"""Objective terms already normalised over the whole batch: reported as sums over micro-batches."""
+TOKEN_KEYS = ("pg_clipfrac_low", "pg_clipfrac_high", "ppo_kl")
+"""Per-token means of each micro-batch: reported weighted by its tokens."""
+
+
+@dataclass
+class Sample:
+    """One response of a rollout batch."""
+
+    prompt: Prompt
+    prompt_ids: list[int]
+    completion: Completion
+    reward: float = 0.0
+    values: dict[str, float] = field(default_factory=dict)
+    advantage: float = 0.0
+    ref_logprobs: list[float] | None = None
+    trained: bool = True
+    """False for responses excluded from the loss (overlong filtering)."""
+
+
+class GRPOStage:
+    """The GRPO stage: rollout, reward, advantages, policy updates (it runs its own step)."""
+
+    report_keys: Sequence[str] = (*SHARE_KEYS, *TOKEN_KEYS)
+
+    def __init__(self, cfg: R1Config, ctx: ParallelContext) -> None:
+        g, d = cfg.grpo, cfg.data
+        if not (d.train_path and d.tokenizer):
+            raise ConfigError("data.train_path", d.train_path, "a prompt JSONL and data.tokenizer for stage=grpo")
+        self.cfg, self.g = cfg, g
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        if g.prompts_per_step % self.dp:
+            raise ConfigError(
+                "grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {self.dp}"
+            )
+        self.local_prompts = g.prompts_per_step // self.dp
+        per_update = self.local_prompts * g.group_size // g.mini_batches
+        mbs = cfg.optim.micro_batch_size
+        if (self.local_prompts * g.group_size) % g.mini_batches or per_update % mbs:
+            raise ConfigError(
+                "grpo.mini_batches",
+                g.mini_batches,
+                f"a divisor that leaves a multiple of optim.micro_batch_size={mbs} of the "
+                f"{self.local_prompts * g.group_size} responses per rank and step",
+            )
+        self.num_microbatches = per_update // mbs
+        self.tokenizer = load_tokenizer(d.tokenizer)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.prompts = load_prompts(d.train_path)
+        self.eval_set = load_prompts(d.eval_path) if d.eval_path else []
+        if g.eval_prompts:
+            self.eval_set = self.eval_set[: g.eval_prompts]
+        self.sampler = PromptSampler(len(self.prompts), d.seed, self.dp_rank, self.dp)
+        self.shuffle = random.Random(d.seed + 17 * self.dp_rank)
+        self.scorer = RewardScorer(cfg.reward)
+        eval_weights = {"accuracy": 1.0, "format": 1.0}
+        self.eval_scorer = RewardScorer(RewardConfig(**{**vars(cfg.reward), "weights": eval_weights}))
+        self.engine: RolloutEngine | None = None
+        self.ref: list[torch.nn.Module] | None = None
+        self._tokens = 0
+        self._normalizers: tuple[float, float] = (1.0, 1.0)
+
+    # ---- set-up -------------------------------------------------------------------------------------
+
+    def bind(self, trainer: Trainer) -> None:
+        """Attach to the trainer's model (before any checkpoint is loaded): rollout engine, reference model."""
+        chunks = [unwrap(m) for m in trainer.model]
+        self.engine = RolloutEngine(
+            chunks,
+            self.tokenizer,
+            vocab_size=len(self.tokenizer),
+            seed=self.cfg.data.seed + 7919 * self.dp_rank,
+            pad_token_id=self.pad_id,
+        )
+        loss = self.g.loss
+        if loss.kl_coef > 0:  # the reference: the starting weights (checkpoint.load, else this initialisation)
+            self.ref = build_model(self.cfg)
+            with torch.no_grad():
+                for ref, live in zip(self.ref, chunks, strict=True):
+                    for p, q in zip(ref.parameters(), live.parameters(), strict=True):
+                        p.copy_(q)
+            if self.cfg.checkpoint.load:
+                load_weights(self.ref, self.cfg.checkpoint.load)
+            for m in self.ref:
+                m.eval().requires_grad_(False)
+            log.info("reference model built for the KL term (kl_coef=%g)", loss.kl_coef)
+
+    # ---- rollout --------------------------------------------------------------------------------------
+
+    def _params(self) -> SamplingParams:
+        g = self.g
+        return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
+
+    def _sample_groups(self, count: int) -> list[list[Sample]]:
+        prompts = [self.prompts[i] for i in self.sampler.take(count)]
+        ids = [render_prompt(self.tokenizer, p.prompt, self.g.prefix) for p in prompts]
+        flat = [(p, x) for p, x in zip(prompts, ids, strict=True) for _ in range(self.g.group_size)]
+        completions = self.engine.generate([x for _, x in flat], self._params())
+        samples = [Sample(p, x, c) for (p, x), c in zip(flat, completions, strict=True)]
+        return [samples[i : i + self.g.group_size] for i in range(0, len(samples), self.g.group_size)]
+
+    def _score(self, groups: list[list[Sample]]) -> None:
+        samples = [s for grp in groups for s in grp]
+        inputs = [
+            RewardInput(
+                prompt=s.prompt.prompt,
+                completion=s.completion.text,
+                answer=s.prompt.answer,
+                task=s.prompt.task,
+                completion_tokens=len(s.completion.token_ids),
+                max_tokens=self.g.max_new_tokens,
+                prefix_in_prompt=bool(self.g.prefix),
+                group=f"{id(grp)}",
+            )
+            for grp in groups
+            for s in grp
+        ]
+        for s, b in zip(samples, self.scorer.score_batch(inputs), strict=True):
+            s.reward, s.values = b.total, b.values
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _rollout(self, timing: dict[str, float]) -> tuple[list[list[Sample]], dict[str, float]]:
+        """Sample and score this rank's groups (refilling zero-variance groups with dynamic sampling)."""
+        kept: list[list[Sample]] = []
+        spare: list[list[Sample]] = []
+        stats = {"groups_sampled": 0.0, "zero_variance_groups": 0.0}
+        for round_ in range(self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
+            need = self.local_prompts - len(kept)
+            # Every rank samples in every round (MoE layers exchange tokens across ranks in each forward).
+            if round_ and not self._any_rank(need > 0):
+                break
+            t0 = time.perf_counter()
+            groups = self._sample_groups(max(need, 1))
+            t1 = time.perf_counter()
+            self._score(groups)
+            timing["rollout_s"] += t1 - t0
+            timing["reward_s"] += time.perf_counter() - t1
+            for grp in groups:
+                flat = len({s.reward for s in grp}) == 1
+                stats["groups_sampled"] += 1
+                stats["zero_variance_groups"] += flat
+                (spare if flat and self.g.dynamic_sampling else kept).append(grp)
+        kept = (kept + spare)[: self.local_prompts]
+        return kept, stats
+
+    def _advantages(self, groups: list[list[Sample]]) -> None:
+        samples = [s for grp in groups for s in grp]
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+        loss = self.g.loss
+        if loss.kl_coef > 0 and loss.kl_in_reward:
+            old, ref, mask = self._padded([s.completion.logprobs for s in samples], [s.ref_logprobs for s in samples])
+            rewards = apply_kl_to_rewards(rewards, old, ref, mask, loss.kl_coef, loss.kl_estimator)
+        group_ids = torch.arange(len(groups)).repeat_interleave(self.g.group_size)
+        adv = compute_advantages(loss.adv_estimator, rewards.float(), group_ids=group_ids, eps=loss.adv_eps)
+        for s, a in zip(samples, adv.tolist(), strict=True):
+            s.advantage = a
+            if self.g.overlong_filter and s.completion.finish_reason == "length":
+                s.trained = False
+
+    @staticmethod
+    def _padded(*columns: list[list[float]]) -> tuple[torch.Tensor, ...]:
+        width = max(len(row) for row in columns[0])
+        out = []
+        for rows in columns:
+            t = torch.zeros(len(rows), width)
+            for i, row in enumerate(rows):
+                t[i, : len(row)] = torch.tensor(row)
+            out.append(t)
+        mask = torch.zeros(len(columns[0]), width, dtype=torch.bool)
+        for i, row in enumerate(columns[0]):
+            mask[i, : len(row)] = True
+        return (*out, mask)
+
+    # ---- training batches ---------------------------------------------------------------------------
+
+    def _batch(self, samples: Sequence[Sample], with_ref: bool) -> Batch:
+        """A micro-batch: prompt + response rows, right-padded; old log-probs aligned with the labels."""
+        seqs = [s.prompt_ids + s.completion.token_ids for s in samples]
+        width = -(-max(map(len, seqs)) // self.tp) * self.tp  # sequence parallelism splits rows over TP ranks
+        b = len(samples)
+        tokens = torch.full((b, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, width)
+        old = torch.zeros(b, width)
+        ref = torch.zeros(b, width)
+        for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
+            tokens[i, : len(seq)] = torch.tensor(seq)
+            labels[i, : len(seq) - 1] = torch.tensor(seq[1:])
+            start, n = len(s.prompt_ids) - 1, len(s.completion.token_ids)  # label positions of the response
+            mask[i, start : start + n] = float(s.trained)
+            old[i, start : start + n] = torch.tensor(s.completion.logprobs)
+            if with_ref and s.ref_logprobs is not None:
+                ref[i, start : start + n] = torch.tensor(s.ref_logprobs)
+        batch = {
+            "tokens": tokens,
+            "labels": labels,
+            "position_ids": torch.arange(width)[None].expand(b, width),
+            "mask": mask,
+            "old_logp": old,
+            "advantages": torch.tensor([s.advantage for s in samples]),
+        }
+        if with_ref:
+            batch["ref_logp"] = ref
+        return batch
+
+    def _reference_logprobs(self, samples: Sequence[Sample]) -> None:
+        mbs = self.cfg.optim.micro_batch_size
+        with torch.no_grad():
+            for i in range(0, len(samples), mbs):
+                chunk = samples[i : i + mbs]
+                b = self._batch(chunk, with_ref=False)
+                logits = forward_logits(self.ref[0], b["tokens"], b["position_ids"])
+                logp = token_logprobs(self._valid_vocab(logits.float()), b["labels"], temperature=self.g.temperature)
+                for s, row in zip(chunk, logp, strict=True):
+                    start = len(s.prompt_ids) - 1
+                    s.ref_logprobs = row[start : start + len(s.completion.token_ids)].tolist()
+
+    def _valid_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the padded vocabulary rows beyond the tokenizer masked, as the rollout engine samples."""
+        n = len(self.tokenizer)
+        if n >= logits.shape[-1]:
+            return logits
+        keep = torch.arange(logits.shape[-1], device=logits.device) < n
+        return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)  # exp() is exactly 0, unlike -inf no NaN
+
+    def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)
+        logits = forward_logits(model, batch["tokens"], batch["position_ids"])  # (b, s, V)
+        return logits, partial(self._loss, batch)
+
+    def _loss(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        loss_cfg, mask, temperature = self.g.loss, batch["mask"], self.g.temperature
+        logits = self._valid_vocab(logits.float())
+        logp = token_logprobs(logits, batch["labels"], mask=mask, temperature=temperature)  # (b, s)
+        entropy = entropy_from_logits(logits if loss_cfg.entropy_coef > 0 else logits.detach(), temperature=temperature)
+        tokens, seqs = self._normalizers
+        loss, metrics = compute_policy_objective(
+            logp,
+            batch["old_logp"],
+            batch["advantages"],
+            mask,
+            loss_cfg,
+            ref_logp=batch.get("ref_logp"),
+            entropy=entropy,
+            global_tokens=tokens,
+            global_seqs=seqs,
+        )
+        # megatron divides by the micro-batch count and data-parallel averaging divides by dp: undo both, so
+        # gradients are those of the whole batch's loss.
+        scale = self.num_microbatches * self.dp
+        ntok = mask.sum()
+        share = torch.tensor(1.0 / scale)
+        report = {k: torch.stack([metrics[k].float(), share]) for k in SHARE_KEYS if k in metrics}
+        report.update({k: torch.stack([metrics[k].float() * ntok, ntok]) for k in TOKEN_KEYS if k in metrics})
+        return loss * scale, torch.tensor(1, dtype=torch.int), report
+
+    def _update(self, trainer: Trainer, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer update on ``samples`` (this rank's share of a mini-batch)."""
+        counts = torch.tensor(
+            [sum(len(s.completion.token_ids) for s in samples if s.trained), sum(s.trained for s in samples)],
+            dtype=torch.float64,
+        )
+        torch.distributed.all_reduce(counts, group=self.dp_group)
+        self._normalizers = (max(float(counts[0]), 1.0), max(float(counts[1]), 1.0))
+        mbs = self.cfg.optim.micro_batch_size
+        with_ref = self.ref is not None and not self.g.loss.kl_in_reward
+        batches = (self._batch(samples[i : i + mbs], with_ref) for i in range(0, len(samples), mbs))
+        return train_step(
+            trainer, batches, self._forward_step, keys=self.report_keys, num_microbatches=self.num_microbatches
+        )
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def train_step(self, trainer: Trainer, step: int) -> dict[str, float]:
+        """Rollout, reward, advantages and ``ppo_epochs * mini_batches`` updates; returns the step's metrics."""
+        timing = {"rollout_s": 0.0, "reward_s": 0.0, "train_s": 0.0}
+        groups, stats = self._rollout(timing)
+        samples = [s for grp in groups for s in grp]
+        if self.ref is not None:
+            self._reference_logprobs(samples)
+        self._advantages(groups)
+        t0 = time.perf_counter()
+        per_update = len(samples) // self.g.mini_batches
+        updates: list[dict[str, float]] = []
+        for _ in range(self.g.ppo_epochs):
+            order = list(range(len(samples)))
+            self.shuffle.shuffle(order)
+            for k in range(self.g.mini_batches):
+                chunk = [samples[i] for i in order[k * per_update : (k + 1) * per_update]]
+                updates.append(self._update(trainer, chunk))
+        timing["train_s"] = time.perf_counter() - t0
+        metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        metrics.update(self._rollout_metrics(groups, stats, timing))
+        return metrics
+
+    def _rollout_metrics(
+        self, groups: list[list[Sample]], stats: dict[str, float], timing: dict[str, float]
+    ) -> dict[str, float]:
+        samples = [s for grp in groups for s in grp]
+        lengths = [len(s.completion.token_ids) for s in samples]
+        sums = torch.tensor(
+            [
+                len(samples),
+                sum(s.reward for s in samples),
+                sum(s.reward**2 for s in samples),
+                sum(s.values.get("accuracy", 0.0) for s in samples),
+                sum(s.values.get("format", 0.0) for s in samples),
+                sum(lengths),
+                sum(s.completion.finish_reason == "length" for s in samples),
+                stats["zero_variance_groups"],
+                stats["groups_sampled"],
+                sum(len(s.prompt_ids) for s in samples),
+            ],
+            dtype=torch.float64,
+        )
+        torch.distributed.all_reduce(sums, group=self.dp_group)
+        n, r, r2, acc, fmt, tok, cut, zero, sampled, prompt_tok = sums.tolist()
+        self._tokens = int(tok + prompt_tok)
+        mean = r / n
+        return {
+            "reward_mean": mean,
+            "reward_std": max(r2 / n - mean**2, 0.0) ** 0.5,
+            "accuracy": acc / n,
+            "format_rate": fmt / n,
+            "response_length": tok / n,
+            "clipped_rate": cut / n,
+            "zero_variance_groups": zero / max(sampled, 1),
+            "rollout_tokens_per_s": tok / max(timing["rollout_s"], 1e-9),
+            "train_tokens_per_s": self.g.updates_per_step * (tok + prompt_tok) / max(timing["train_s"], 1e-9),
+            **timing,
+        }
+
+    # ---- the Stage protocol -------------------------------------------------------------------------
+
+    def batches(self, step: int) -> Iterator[Batch]:
+        raise NotImplementedError("GRPO builds its batches from rollouts in train_step")
+
+    def forward_step(self) -> Any:
+        return self._forward_step
+
+    def tokens_per_step(self) -> int:
+        return self._tokens
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """R1's protocol on the held-out prompts: pass@1 over ``grpo.eval_samples`` samples, cons@k, format."""
+        if not self.eval_set:
+            return {}
+        mine = self.eval_set[self.dp_rank :: self.dp]
+        g = self.g
+        params = SamplingParams(
+            temperature=g.eval_temperature, top_p=g.eval_top_p, max_new_tokens=g.eval_max_new_tokens or g.max_new_tokens
+        )
+        state = self.engine.state_dict()
+        self.engine.generator.manual_seed(self.cfg.data.seed + 104729 + self.dp_rank)  # same draws every evaluation
+        results = evaluate_prompts(self.engine, self.eval_scorer, mine, g.eval_samples, params, g.prefix)
+        self.engine.load_state_dict(state)
+        gathered: list[Any] = [None] * self.dp
+        torch.distributed.all_gather_object(gathered, results, group=self.dp_group)
+        return {f"eval/{k}": v for k, v in summarize([r for part in gathered for r in part]).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "generator": self.engine.generator.get_state().tolist() if self.engine else None,
+            "shuffle": list(self.shuffle.getstate()[1]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        if state.get("generator") is not None and self.engine is not None:
+            self.engine.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        if "shuffle" in state:
+            self.shuffle.setstate((3, tuple(state["shuffle"]), None))
+
+    def close(self) -> None:
+        """Stop the verifier workers."""
+        self.scorer.close()
+        self.eval_scorer.close()
