@@ -1,0 +1,79 @@
+"""Helpers for tests/slurm: submit to the local Slurm cluster, read job state, skip or fail without Slurm."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "slurm"
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+
+
+def slurm_required() -> bool:
+    """CI installed Slurm and shellcheck: a missing tool or a cluster that does not start is a failure."""
+    return os.environ.get("R1MEGA_REQUIRE_SLURM") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    if slurm_required():
+        pytest.fail(f"{reason} (R1MEGA_REQUIRE_SLURM=1)")
+    pytest.skip(reason)
+
+
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment jobs are submitted with (sbatch exports it): this checkout and this Python first."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
+    for key in [k for k in env if k.startswith(("R1MEGA_", "SLURM_")) and k != "R1MEGA_REQUIRE_SLURM"]:
+        del env[key]
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Cluster:
+    """The running cluster: submit jobs, read their state, cancel what is left at the end."""
+
+    conf: Path
+    jobs: list[str] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return job_env({"SLURM_CONF": str(self.conf), **extra})
+
+    def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=60, **kwargs)
+
+    def submit(self, cmd: list[str], cwd: Path, **extra: str) -> str:
+        """Run a submitting command (sbatch or slurm/submit.sh); return the job id."""
+        proc = subprocess.run(cmd, cwd=cwd, env=self.env(**extra), capture_output=True, text=True, timeout=120)
+        match = re.search(r"Submitted batch job (\d+)", proc.stdout)
+        assert proc.returncode == 0 and match, f"submitting failed: {proc.stdout}\n{proc.stderr}"
+        self.jobs.append(match.group(1))
+        return match.group(1)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
+        out = self.run("scontrol", "show", "job", job_id).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: str, timeout: float = 300) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in DONE_STATES:
+                return info
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}")
