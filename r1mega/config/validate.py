@@ -77,7 +77,8 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
     _validate_model_split(cfg, dp)
     _validate_pipeline(cfg)
     _validate_precision(cfg, accel)
-    _validate_batches(cfg, dp)
+    if cfg.stage.name != "grpo":  # GRPO's batch is grpo.prompts_per_step x grpo.group_size (checked below)
+        _validate_batches(cfg, dp)
     if cfg.stage.name == "grpo":
         _validate_grpo(cfg, dp)
     if cfg.stage.name in ("sft", "grpo") and cfg.data.source != "jsonl":

@@ -1,0 +1,68 @@
+"""Typed config of ``r1mega-pipeline``: the stages of the R1 recipe in order, each one r1mega command.
+
+A step's overrides may name an earlier step's outputs as ``{step.key}`` (``{sft.checkpoint}``,
+``{rejection.data}``, ``{export_qwen.hf}``): the runner substitutes them from that step's manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from r1mega.config.errors import ConfigError
+
+STEP_KINDS = ("train", "sample", "eval", "export", "command")
+"""train: r1mega-train (checkpoint out); sample: rejection sampling / teacher traces (data out); eval:
+r1mega-eval; export: r1mega-convert export (HF folder out); command: a python module with arguments."""
+
+
+@dataclass
+class StepConfig:
+    """One step of the pipeline."""
+
+    name: str = "step"
+    """Folder name under the pipeline's run_dir, and how later steps refer to this one."""
+    kind: str = "train"
+    """train, sample, eval, export or command (see STEP_KINDS)."""
+    config_name: str | None = None
+    """``--config-name`` of the train/sample/eval app (a top-level config under conf/), if not the default."""
+    overrides: list[str] = field(default_factory=list)
+    """Hydra overrides (train/sample/eval) or arguments (export/command); ``{step.key}`` names earlier outputs."""
+    module: str | None = None
+    """For kind=command: a python module run with ``python -m``, or a script path ending in .py
+    (``tools/make_cold_start.py``)."""
+    evaluate: bool = True
+    """For kind=train: evaluate the final checkpoint on the held-out prompts (the report's table)."""
+    eval_overrides: list[str] = field(default_factory=list)
+    """Overrides for this step's evaluation (e.g. the student's model preset), after the pipeline's."""
+    label: str = ""
+    """What the report calls this step (default: its name)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_KINDS:
+            raise ConfigError(f"pipeline.steps[{self.name}].kind", self.kind, f"one of {', '.join(STEP_KINDS)}")
+        if self.kind == "command" and not self.module:
+            raise ConfigError(f"pipeline.steps[{self.name}].module", None, "a python module for kind=command")
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline run."""
+
+    run_dir: str = "runs/pipeline"
+    """Every step writes to ``<run_dir>/<step name>``; the report goes to ``<run_dir>/report``."""
+    nproc: int = 1
+    """Processes per step (torchrun); 1 runs each step as one plain process."""
+    eval_overrides: list[str] = field(default_factory=list)
+    """Overrides every evaluation gets (held-out prompts, samples per prompt, length limit)."""
+    steps: list[StepConfig] = field(default_factory=list)
+    """The stages, in order."""
+    report: bool = True
+    """Write the Markdown report with PNG curves at the end."""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError("pipeline.steps", duplicates, "unique step names")
+        if self.nproc < 1:
+            raise ConfigError("pipeline.nproc", self.nproc, "1 or more")

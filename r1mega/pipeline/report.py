@@ -1,0 +1,107 @@
+"""The pipeline report: a Markdown table of held-out accuracy per stage and PNG curves of each training step.
+
+Curves come from the TensorBoard scalars every training run writes (``<step>/tb``): loss, reward, accuracy
+and response length, whichever a step logged. The table comes from each step's evaluation (``eval.json``
+written by ``r1mega-eval``: R1's protocol, pass@1 over k samples at T=0.6 / top-p 0.95, cons@k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CURVES = {
+    "loss": ("lm_loss", "loss"),
+    "reward": ("reward_mean",),
+    "accuracy": ("accuracy", "eval/pass@1"),
+    "response length": ("response_length",),
+}
+"""Panel title -> scalar tags drawn in it (those a run logged)."""
+
+
+def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series under a TensorBoard folder, as (step, value) lists sorted by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, float]] = {}
+    for events in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            series.setdefault(tag, {}).update((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], out: str | Path, panels: dict = CURVES) -> Path:
+    """One PNG: a panel per entry of ``panels``, a line per (run, tag) that has data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, tags) in zip(axes[0], panels.items(), strict=True):
+        for run, scalars in runs.items():
+            for tag in tags:
+                if scalars.get(tag):
+                    steps, values = zip(*scalars[tag], strict=True)
+                    ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=f"{run}: {tag}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def accuracy_table(manifests: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: one row per evaluated step (pass@1, cons@k, format rate, length, per-task pass@1)."""
+    rows = [m for m in manifests if m.get("metrics")]
+    if not rows:
+        return "_No step was evaluated._\n"
+    tasks = sorted({k for m in rows for k in m["metrics"] if k.startswith("accuracy/")})
+    head = ["stage", "pass@1", "cons@k", "format", "length", *[t.split("/", 1)[1] for t in tasks]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in rows:
+        x = m["metrics"]
+        cells = [
+            m.get("label", m["name"]),
+            x.get("pass@1"),
+            x.get("cons@k"),
+            x.get("format_rate"),
+            x.get("response_length"),
+        ]
+        lines.append("| " + " | ".join(_fmt(c) for c in [*cells, *[x.get(t) for t in tasks]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(manifests: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+    """``<out_dir>/report.md`` with the accuracy table, step timings and one PNG of training curves per step."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["# r1mega pipeline report\n", "## Held-out accuracy per stage (R1 protocol)\n", accuracy_table(manifests)]
+    parts.append("\n## Steps\n\n| step | kind | seconds | restarts | outputs |\n|---|---|---|---|---|\n")
+    for m in manifests:
+        outputs = ", ".join(f"{k}: `{v}`" for k, v in m.get("outputs", {}).items())
+        parts.append(f"| {m['name']} | {m['kind']} | {_fmt(m.get('seconds'))} | {m.get('restarts', 0)} | {outputs} |\n")
+    parts.append("\n## Training curves\n")
+    for m in manifests:
+        tb = Path(m.get("outputs", {}).get("run_dir", "")) / "tb"
+        if m["kind"] != "train" or not tb.is_dir():
+            continue
+        scalars = read_scalars(tb)
+        if scalars:
+            png = plot_runs({m["name"]: scalars}, out_dir / f"{m['name']}.png")
+            parts.append(f"\n### {m.get('label', m['name'])}\n\n![{m['name']}]({png.name})\n")
+    path = out_dir / "report.md"
+    path.write_text("".join(parts))
+    return path

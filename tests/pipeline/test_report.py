@@ -1,0 +1,40 @@
+"""The pipeline report: accuracy table from step manifests, PNG curves from TensorBoard scalars."""
+
+from __future__ import annotations
+
+from torch.utils.tensorboard import SummaryWriter
+
+from r1mega.pipeline.report import accuracy_table, read_scalars, write_report
+
+METRICS = {"pass@1": 0.25, "cons@k": 0.5, "format_rate": 0.875, "response_length": 41.0, "accuracy/gcd": 0.5}
+
+
+def test_accuracy_table_has_a_row_per_evaluated_step():
+    table = accuracy_table(
+        [
+            {"name": "sft", "label": "cold-start SFT", "metrics": METRICS},
+            {"name": "data", "metrics": {}},
+            {"name": "grpo", "metrics": {**METRICS, "pass@1": 0.375, "accuracy/lcm": 0.0}},
+        ]
+    )
+    lines = table.strip().splitlines()
+    assert lines[0] == "| stage | pass@1 | cons@k | format | length | gcd | lcm |"
+    assert lines[2] == "| cold-start SFT | 0.250 | 0.500 | 0.875 | 41.000 | 0.500 |  |"
+    assert lines[3].startswith("| grpo | 0.375 |") and len(lines) == 4
+
+
+def test_report_plots_training_curves(tmp_path):
+    run = tmp_path / "grpo"
+    writer = SummaryWriter(str(run / "tb"))
+    for step in range(1, 6):
+        writer.add_scalar("reward_mean", step / 10, step)
+        writer.add_scalar("loss", 1 / step, step)
+    writer.close()
+    assert [s for s, _ in read_scalars(run / "tb")["reward_mean"]] == [1, 2, 3, 4, 5]
+    manifests = [
+        {"name": "grpo", "kind": "train", "outputs": {"run_dir": str(run)}, "metrics": METRICS, "seconds": 3.0}
+    ]
+    path = write_report(manifests, tmp_path / "report")
+    text = path.read_text()
+    assert "| grpo | 0.250 |" in text and "![grpo](grpo.png)" in text
+    assert (tmp_path / "report" / "grpo.png").stat().st_size > 1000

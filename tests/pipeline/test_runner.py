@@ -1,0 +1,76 @@
+"""The pipeline runner: steps run in order with manifests, later steps read earlier outputs, a re-run skips
+completed steps, and a pipeline killed mid-stage resumes that stage from its checkpoint to completion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from r1mega.pipeline.config import PipelineConfig, StepConfig
+from r1mega.pipeline.runner import PipelineError, PipelineRunner, read_manifest
+
+TRAIN = ["optim.lr_warmup_steps=0", "data.seq_length=32", "logging.progress_bar=false", "checkpoint.save_interval=1"]
+
+
+def _pipeline(root: Path) -> PipelineConfig:
+    marker = root / "marker.txt"
+    return PipelineConfig(
+        run_dir=str(root / "run"),
+        report=False,
+        steps=[
+            StepConfig(name="prepare", kind="command", module="tests_pipeline_marker.py", overrides=[str(marker)]),
+            StepConfig(
+                name="base", kind="train", overrides=["model=qwen2_tiny", "optim.train_steps=2", *TRAIN], evaluate=False
+            ),
+            StepConfig(
+                name="tune",
+                kind="train",
+                overrides=["model=qwen2_tiny", "optim.train_steps=3", "checkpoint.load={base.checkpoint}", *TRAIN],
+                evaluate=False,
+            ),
+        ],
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    script = tmp_path / "tests_pipeline_marker.py"
+    script.write_text(
+        "import sys, pathlib\np = pathlib.Path(sys.argv[1])\np.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_steps_chain_skip_and_resume_after_a_kill(workdir):
+    cfg = _pipeline(workdir)
+    env_kill = {"R1MEGA_KILL_AT": "train_step:2"}
+    import os
+
+    killed = PipelineRunner(cfg, env={**os.environ, **env_kill})
+    with pytest.raises(PipelineError, match="base"):  # SIGKILLed after step 2 of the first training step
+        killed.run()
+    base = read_manifest(workdir / "run" / "base")
+    assert base["status"] == "running"
+    manifests = PipelineRunner(cfg).run()
+    assert [m["status"] for m in manifests] == ["complete"] * 3
+    assert (workdir / "marker.txt").read_text() == "x"  # the command step ran once
+    assert manifests[1]["restarts"] == 1
+    assert manifests[1]["outputs"]["checkpoint"].endswith("step_00000002")
+    tune_log = (workdir / "run" / "tune" / "step.log").read_text()
+    assert f"checkpoint.load={manifests[1]['outputs']['checkpoint']}" in tune_log
+    assert manifests[2]["outputs"]["checkpoint"].endswith("step_00000003")
+    again = PipelineRunner(cfg).run()  # everything complete: nothing runs
+    assert [m["started"] for m in again] == [m["started"] for m in manifests]
+    assert json.loads((workdir / "run" / "tune" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_unknown_reference_names_the_step(workdir):
+    cfg = PipelineConfig(
+        run_dir=str(workdir / "run"),
+        steps=[StepConfig(name="a", kind="train", overrides=["checkpoint.load={nothing.checkpoint}"])],
+    )
+    with pytest.raises(PipelineError, match=r"step 'a' refers to \{nothing.checkpoint\}"):
+        PipelineRunner(cfg).run()
