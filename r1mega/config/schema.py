@@ -407,7 +407,7 @@ class LoggingConfig:
         _check_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
-STAGES = ("pretrain", "sft", "grpo")
+STAGES = ("pretrain", "sft", "grpo", "reward_model")
 
 
 @dataclass
@@ -417,7 +417,9 @@ class StageConfig:
     name: str = "pretrain"
     """Stage: pretrain (next-token prediction on the data source), sft (supervised fine-tuning on chat JSONL:
     cold start, rejection-sampled data, distillation traces) or grpo (reinforcement learning with
-    group-relative advantages and rule-based rewards; the ``grpo`` and ``reward`` groups configure it)."""
+    group-relative advantages and rule-based rewards; the ``grpo`` and ``reward`` groups configure it) or
+    reward_model (a scalar head on the model trained with the Bradley-Terry loss on preference-pair JSONL;
+    ``optim`` batch sizes count pairs; the ``reward_model`` reward of GRPO scores with the result)."""
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0: never)."""
     eval_batches: int = 8
@@ -444,7 +446,8 @@ class DataConfig:
     seed: int = 1234
     """Seed of data order and synthetic data."""
     train_path: str | None = None
-    """JSONL training file (``messages`` or ``prompt``/``response``, optional ``reasoning``)."""
+    """JSONL training file (``messages`` or ``prompt``/``response``, optional ``reasoning``; preference pairs
+    ``prompt``/``chosen``/``rejected`` for stage.name=reward_model)."""
     eval_path: str | None = None
     """JSONL held-out file for evaluation loss; None: no evaluation."""
     tokenizer: str | None = None
@@ -614,6 +617,8 @@ class GRPOConfig:
 
 
 REWARD_START_METHODS = ("forkserver", "spawn")
+REWARD_MODEL_NORMALIZE = ("group_winrate", "sigmoid", "zscore", "none")
+"""``r1mega.rewards.reward_model.NORMALIZERS`` (named here so that composing a config never imports torch)."""
 
 
 @dataclass
@@ -624,7 +629,8 @@ class RewardConfig:
     """Reward name -> weight of its value in the scalar reward (weight 0: computed and logged only). R1 sums
     accuracy and format (R1-Zero) and adds language consistency in its reasoning RL stage. Registered names:
     accuracy (0/1), format (0/1), language (share in [0, 1]), overlong (DAPO, [-1, 0]) and length
-    (Kimi-1.5, [-0.5, 0.5] within a group; needs accuracy). A config override adds keys to the defaults,
+    (Kimi-1.5, [-0.5, 0.5] within a group; needs accuracy), and reward_model (a trained reward model, see
+    reward_model_path; [0, 1] with the default normalisation). A config override adds keys to the defaults,
     so set a default reward to 0 to turn it off."""
     time_limit_s: float = 1.0
     """Hard wall-time limit of one answer verification; past it the answer scores 0 (the worker is killed if
@@ -643,6 +649,16 @@ class RewardConfig:
     """DAPO's L_cache: the overlong penalty ramps from 0 to -1 over the last this-many tokens before L_max."""
     overlong_max_tokens: int | None = None
     """DAPO's L_max; None: each sample's generation limit (``RewardInput.max_tokens``)."""
+    reward_model_path: str | None = None
+    """Reward-model checkpoint of the reward_model reward (a ``step_*`` folder of a stage=reward_model run, or
+    its checkpoints folder, whose ``latest`` is used). Its architecture comes from its meta.json; it is built
+    in this run's parallel layout and runs in the trainer process. Needed when reward.weights has reward_model."""
+    reward_model_normalize: str = "group_winrate"
+    """How raw reward-model scores of one GRPO group become rewards: group_winrate (mean Bradley-Terry win
+    probability against the rest of the group, in (0, 1), offset-free), sigmoid, zscore (within the group) or
+    none (``r1mega.rewards.reward_model``)."""
+    reward_model_batch_size: int = 8
+    """Responses per reward-model forward."""
 
     def __post_init__(self) -> None:
         from r1mega.rewards import REWARDS  # here: the registry fills as the reward modules import
@@ -668,6 +684,107 @@ class RewardConfig:
         _check_positive("reward.max_answer_chars", self.max_answer_chars)
         _check_positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
         _check_positive("reward.overlong_max_tokens", self.overlong_max_tokens, allow_none=True)
+        _check_choice("reward.reward_model_normalize", self.reward_model_normalize, REWARD_MODEL_NORMALIZE)
+        _check_positive("reward.reward_model_batch_size", self.reward_model_batch_size)
+        if "reward_model" in self.weights and self.reward_model_path is None:
+            raise ConfigError(
+                "reward.reward_model_path", None, "a reward-model checkpoint when reward.weights has reward_model"
+            )
+
+
+def _check_sampling(group: str, temperature: float, top_p: float) -> None:
+    if temperature < 0:
+        raise ConfigError(f"{group}.temperature", temperature, "0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{group}.top_p", top_p, "a number in (0, 1]")
+
+
+@dataclass
+class RejectionConfig:
+    """Rejection sampling (``r1mega-rejection-sample``): sample from a checkpoint, keep the correct, clean
+    responses and write them as an SFT set. With a teacher's checkpoint and model it writes distillation
+    traces (``conf/rejection/distill.yaml``). Responses start after the forced prefix ``grpo.prefix``; the
+    answer checks use the ``reward`` group's verifier settings."""
+
+    prompts_path: str | None = None
+    """Prompt JSONL to sample for (``r1mega.data.prompts`` formats); None: ``data.train_path``."""
+    max_prompts: int = 0
+    """Use the first this-many prompts of the file (0: all)."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt."""
+    temperature: float = 0.6
+    """Sampling temperature (R1's recommendation: 0.6)."""
+    top_p: float = 0.95
+    """Nucleus sampling (R1's recommendation: 0.95)."""
+    max_new_tokens: int = 512
+    """Generation limit in tokens; a response cut by it never passes ``require_format``."""
+    batch_size: int = 16
+    """Prompts per generation call on one data-parallel rank (each with ``samples_per_prompt`` rows): bounds
+    the KV cache."""
+    require_correct: bool = True
+    """Keep only responses whose final answer the task's verifier accepts (the ``accuracy`` reward)."""
+    require_format: bool = True
+    """Keep only finished responses in R1's format: one ``<think>...</think>`` block, then a non-empty answer."""
+    min_language_share: float = 0.95
+    """Keep only responses whose reasoning has at least this share of words in the prompt's script (the
+    ``language`` reward; R1 drops mixed-language chains of thought). 0 turns the filter off."""
+    min_response_tokens: int = 0
+    """Drop responses with fewer generated tokens (reasoning and answer) than this."""
+    max_response_tokens: int | None = None
+    """Drop responses with more generated tokens than this (None: only ``max_new_tokens`` bounds them)."""
+    dedupe: bool = True
+    """Keep one of the responses to a prompt whose reasoning texts are identical (the lowest sample index)."""
+    max_per_prompt: int = 0
+    """Keep at most this many responses per prompt, the highest total reward first (ties: the shorter, then
+    the lower sample index); 0 keeps every response that passes. Distillation traces use 1."""
+    output_dir: str | None = None
+    """Folder for ``train.jsonl`` (the SFT set) and ``summary.json``; None: ``<run_dir>/rejection_sampling``."""
+
+    def __post_init__(self) -> None:
+        for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+            _check_positive(f"rejection.{key}", getattr(self, key))
+        _check_sampling("rejection", self.temperature, self.top_p)
+        for key in ("max_prompts", "min_response_tokens", "max_per_prompt"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"rejection.{key}", getattr(self, key), "0 (off) or more")
+        if not 0 <= self.min_language_share <= 1:
+            raise ConfigError("rejection.min_language_share", self.min_language_share, "a share in [0, 1] (0: off)")
+        if self.max_response_tokens is not None and self.max_response_tokens < max(self.min_response_tokens, 1):
+            raise ConfigError(
+                "rejection.max_response_tokens",
+                self.max_response_tokens,
+                f"null or at least rejection.min_response_tokens={self.min_response_tokens} (and 1)",
+            )
+
+
+@dataclass
+class EvalConfig:
+    """``r1mega-eval``: DeepSeek-R1's evaluation protocol on ``data.eval_path`` for the weights of
+    ``checkpoint.load`` (pass@1 averaged over k samples, cons@k, per-task accuracy, format rate, length).
+    Responses start after the forced prefix ``grpo.prefix``. (The GRPO stage's periodic evaluation has its
+    own ``grpo.eval_*`` settings.)"""
+
+    samples: int = 4
+    """Samples per prompt (k): pass@1 is averaged over them, cons@k votes over their answers."""
+    temperature: float = 0.6
+    """Sampling temperature (R1's protocol: 0.6)."""
+    top_p: float = 0.95
+    """Nucleus sampling (R1's protocol: 0.95)."""
+    max_new_tokens: int = 512
+    """Generation limit in tokens."""
+    max_prompts: int = 0
+    """Evaluate the first this-many prompts of ``data.eval_path`` (0: all)."""
+    batch_size: int = 16
+    """Prompts per generation call on one data-parallel rank (each with ``samples`` rows): bounds the KV cache."""
+    output_dir: str | None = None
+    """Folder for ``eval.json``, ``eval.md`` and ``samples.jsonl``; None: ``<run_dir>/eval``."""
+
+    def __post_init__(self) -> None:
+        for key in ("samples", "max_new_tokens", "batch_size"):
+            _check_positive(f"eval.{key}", getattr(self, key))
+        _check_sampling("eval", self.temperature, self.top_p)
+        if self.max_prompts < 0:
+            raise ConfigError("eval.max_prompts", self.max_prompts, "0 (all) or more")
 
 
 @dataclass
@@ -684,6 +801,8 @@ class R1Config:
     data: DataConfig = field(default_factory=DataConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1234
     """Seed of model initialisation."""
     run_dir: str = "runs/default"

@@ -22,6 +22,8 @@ GROUPS = {
     "data": schema.DataConfig,
     "grpo": schema.GRPOConfig,
     "reward": schema.RewardConfig,
+    "rejection": schema.RejectionConfig,
+    "eval": schema.EvalConfig,
 }
 
 

@@ -81,7 +81,7 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
         _validate_batches(cfg, dp)
     if cfg.stage.name == "grpo":
         _validate_grpo(cfg, dp)
-    if cfg.stage.name in ("sft", "grpo") and cfg.data.source != "jsonl":
+    if cfg.stage.name in ("sft", "grpo", "reward_model") and cfg.data.source != "jsonl":
         raise ConfigError(
             "data.source",
             cfg.data.source,

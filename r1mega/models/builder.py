@@ -8,6 +8,7 @@ parallel state, initialised by ``r1mega.parallel.bootstrap``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -135,8 +136,12 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: R1Config, config: TransformerConfig | None = None) -> list[GPTModel]:
+def build_model(
+    cfg: R1Config, config: TransformerConfig | None = None, model_cls: Callable[..., GPTModel] = GPTModel
+) -> list[GPTModel]:
     """One ``GPTModel`` per virtual pipeline stage held by this rank (a list of one without VPP).
+
+    ``model_cls`` builds each chunk from ``GPTModel``'s arguments (``r1mega.models.reward.RewardModel``).
 
     Needs megatron-core's parallel state (``r1mega.parallel.bootstrap``). Parameters are fp32 or bf16
     as ``precision.dtype`` says; wrapping (Float16Module, DDP) belongs to the training loop.
@@ -151,7 +156,7 @@ def build_model(cfg: R1Config, config: TransformerConfig | None = None) -> list[
         block = spec.decoder_block_spec(config, use_te, vp_stage=vp_stage)
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        model = GPTModel(
+        model = model_cls(
             config=config,
             transformer_layer_spec=block,
             vocab_size=m.padded_vocab_size,

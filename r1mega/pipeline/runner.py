@@ -27,7 +27,7 @@ log = get_logger(__name__)
 
 MODULES = {
     "train": "r1mega.cli.train",
-    "sample": "r1mega.cli.sample",
+    "sample": "r1mega.cli.rejection_sample",
     "eval": "r1mega.cli.eval",
     "export": "r1mega.convert.cli",
 }
@@ -108,8 +108,7 @@ class PipelineRunner:
         if step.kind == "train":
             return [*head, *args, f"run_dir={out}"], {"run_dir": str(out)}
         if step.kind == "sample":
-            data = out / "samples.jsonl"
-            return [*head, *args, f"rejection.output={data}", f"run_dir={out}"], {"data": str(data)}
+            return [*head, *args, f"rejection.output_dir={out}", f"run_dir={out}"], {"data": str(out / "train.jsonl")}
         return [*head, *self.cfg.eval_overrides, *args, f"eval.output_dir={out}", f"run_dir={out}"], {"eval": str(out)}
 
     # ---- running ---------------------------------------------------------------------------------------

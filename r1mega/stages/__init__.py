@@ -7,9 +7,15 @@ from collections.abc import Callable
 from r1mega.stages.base import Stage
 from r1mega.stages.grpo import GRPOStage
 from r1mega.stages.pretrain import PretrainStage
+from r1mega.stages.reward_model import RewardModelStage
 from r1mega.stages.sft import SFTStage
 
-STAGES: dict[str, Callable[..., Stage]] = {"pretrain": PretrainStage, "sft": SFTStage, "grpo": GRPOStage}
+STAGES: dict[str, Callable[..., Stage]] = {
+    "pretrain": PretrainStage,
+    "sft": SFTStage,
+    "grpo": GRPOStage,
+    "reward_model": RewardModelStage,
+}
 
 
 def get_stage(name: str) -> Callable[..., Stage]:

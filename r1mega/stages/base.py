@@ -9,7 +9,12 @@ from r1mega.train.step import Batch, Trainer
 
 
 class Stage(Protocol):
-    """A stage differs from another in its data and its forward step, not in its loop."""
+    """A stage differs from another in its data and its forward step, not in its loop.
+
+    Optional class attributes: ``build_model(cfg, config)`` builds the trainer's model chunks instead of
+    ``r1mega.models.builder.build_model``, and ``load_weights(chunks, path)`` loads ``checkpoint.load`` instead
+    of ``r1mega.checkpoint.weights.load_weights`` (the reward model: a value head on the policy's backbone).
+    """
 
     report_keys: Sequence[str]
     """(total, count) reports the forward step returns; the loop logs their token means."""

@@ -33,6 +33,7 @@ from r1mega.models.builder import build_model
 from r1mega.models.forward import forward_logits
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.rewards import RewardInput
+from r1mega.rewards.reward_model import attach_reward_model
 from r1mega.rewards.scorer import RewardScorer
 from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from_logits, token_logprobs
 from r1mega.rl.kl import apply_kl_to_rewards
@@ -101,6 +102,7 @@ class GRPOStage:
         self.sampler = PromptSampler(len(self.prompts), d.seed, self.dp_rank, self.dp)
         self.shuffle = random.Random(d.seed + 17 * self.dp_rank)
         self.scorer = RewardScorer(cfg.reward)
+        attach_reward_model(self.scorer, cfg, self.tokenizer)  # no-op unless reward.weights has reward_model
         eval_weights = {"accuracy": 1.0, "format": 1.0}
         self.eval_scorer = RewardScorer(RewardConfig(**{**vars(cfg.reward), "weights": eval_weights}))
         self.engine: RolloutEngine | None = None

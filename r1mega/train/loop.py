@@ -48,7 +48,8 @@ class RunResult:
 def setup(cfg: R1Config, ctx: ParallelContext) -> Trainer:
     """Build the model chunks and wrap them with optimizer and schedule."""
     config = transformer_config(cfg)
-    chunks = build_model(cfg, config)
+    build = getattr(get_stage(cfg.stage.name), "build_model", build_model)  # a stage may bring its own model
+    chunks = build(cfg, config)
     return build_trainer(cfg, config, chunks, ctx.data_parallel_size)
 
 
@@ -60,7 +61,7 @@ def _resume(cfg: R1Config, trainer: Trainer, stage: Stage, checkpoints: Checkpoi
         stage.load_state_dict(stage_state)
         return step
     if cfg.checkpoint.load:
-        load_weights(trainer.model, cfg.checkpoint.load)
+        getattr(stage, "load_weights", load_weights)(trainer.model, cfg.checkpoint.load)
         log.info("initialised weights from %s", cfg.checkpoint.load)
     return 0
 
@@ -86,7 +87,7 @@ def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
             if own_step is not None:
                 m = own_step(trainer, step)
             else:
-                m = train_step(trainer, stage.batches(step), stage.forward_step())
+                m = train_step(trainer, stage.batches(step), stage.forward_step(), keys=stage.report_keys)
             m["tokens_per_s"] = stage.tokens_per_step() / (time.perf_counter() - start)
             step += 1
             kill_point("train_step", step)

@@ -1,0 +1,81 @@
+"""Inputs and launchers for the generation-job tests (rejection sampling, r1mega-eval): a tiny cold-start
+set, a randomly initialised checkpoint of a tiny model, and the job CLIs run as 1 or N processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dist_utils import free_port, rank_env
+
+
+def make_prompt_data(out: Path) -> Path:
+    """A tiny cold-start set (train.jsonl, eval.jsonl, eval_prompts.jsonl) with its tokenizer."""
+    from r1mega.data.coldstart import write_cold_start
+
+    write_cold_start(str(out), num_train=24, num_eval=8, seed=5, tokenizer_out=str(out / "tokenizer"))
+    return out
+
+
+def make_checkpoint(out: Path, model: str = "qwen2_tiny") -> Path:
+    """Randomly initialised weights of ``model`` saved as ``checkpoint.load`` reads them (one process)."""
+    from r1mega.checkpoint.weights import save_weights
+    from r1mega.config.load import compose_config
+    from r1mega.models.builder import build_model
+    from r1mega.parallel.bootstrap import single_process
+
+    cfg = compose_config([f"model={model}"])
+    with single_process(cfg):
+        save_weights(build_model(cfg), str(out))
+    return out
+
+
+def job_args(data: Path, checkpoint: Path, model: str = "qwen2_tiny") -> list[str]:
+    """Overrides every job test shares: the tiny model, its checkpoint, the cold-start files, few workers."""
+    return [
+        f"model={model}",
+        "data=cold_start",
+        f"data.train_path={data / 'train.jsonl'}",
+        f"data.eval_path={data / 'eval_prompts.jsonl'}",
+        f"data.tokenizer={data / 'tokenizer'}",
+        f"checkpoint.load={checkpoint}",
+        "reward.num_workers=1",
+        "logging.progress_bar=false",
+    ]
+
+
+def run_job(module: str, args: list[str], run_dir: Path, ranks: int = 1, timeout: float = 300) -> list[str]:
+    """Run ``python -m module args`` as ``ranks`` processes (torchrun's variables when more than one); return
+    each rank's output headed ``[rc=N]``. Each process gets its own session, killed afterwards."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port, procs, logs = free_port(), [], []
+    for rank in range(ranks):
+        env = rank_env(rank, ranks, port) if ranks > 1 else dict(os.environ, OMP_NUM_THREADS="1")
+        logs.append(run_dir / f"{module.rsplit('.', 1)[-1]}-rank{rank}-{time.monotonic_ns()}.log")
+        with open(logs[-1], "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", module, *args, f"run_dir={run_dir}"],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return [f"[rc={code}]\n{log.read_text()}" for code, log in zip(codes, logs, strict=True)]
