@@ -5,7 +5,9 @@ its weights into ``transformers.Qwen2ForCausalLM`` with r1mega's Qwen2 state-dic
 both decode the same greedy tokens, then times batched sampling on both with the same prompts and
 settings (default: batch 16, prompts of 16-48 tokens, 128 new tokens, T=0.6, top-p 0.95; every
 completion runs the full 128 tokens, ``ignore_eos`` / ``min_new_tokens``, so both sides do the same
-work). HF uses its default dynamic KV cache and ``attn_implementation="sdpa"``. The two sides alternate
+work; ``--mean-length N`` instead ends responses at a block of stop tokens on both sides, giving the varied
+lengths of real rollouts, where finished rows stop costing r1mega compute but not HF). Throughput counts
+generated (useful) tokens. HF uses its default dynamic KV cache and ``attn_implementation="sdpa"``. The two sides alternate
 over ``--rounds`` so a load change on a shared machine hits both; the median is reported.
 
 It also measures the MoE+MLA model (a DeepSeek-V3-shaped model at hidden 512): tokens/s and the latent
@@ -59,7 +61,9 @@ DSV3 = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--ffn", type=int, default=1536)
@@ -67,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--mean-length",
+        type=int,
+        default=0,
+        help="0: every completion runs the full --new-tokens; N: responses of varied length, ~N tokens on average "
+        "(a block of the vocabulary ends a response on both sides, so lengths follow the same distribution)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-moe", action="store_true", help="only the dense comparison")
     p.add_argument("--json", help="also write the results here")
@@ -77,6 +88,15 @@ def _prompts(batch: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(16, 49, (batch,), generator=g).tolist()
     return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _stop_ids(args: argparse.Namespace) -> tuple[int, ...]:
+    """Token ids that end a response: an untrained model samples nearly uniformly, so k of V ids end a
+    response with probability ~k/V per token (a geometric length with mean ~V/k, cut at --new-tokens)."""
+    if not args.mean_length:
+        return ()
+    k = max(args.vocab // args.mean_length, 1)
+    return tuple(range(10, 10 + k))
 
 
 def _hf_model(cfg: Any, model: torch.nn.Module) -> torch.nn.Module:
@@ -95,7 +115,9 @@ def _hf_model(cfg: Any, model: torch.nn.Module) -> torch.nn.Module:
     return hf.eval()
 
 
-def _hf_generate(hf: torch.nn.Module, prompts: list[list[int]], new_tokens: int, sample: bool) -> list[list[int]]:
+def _hf_generate(
+    hf: torch.nn.Module, prompts: list[list[int]], new_tokens: int, sample: bool, stop: tuple[int, ...] = ()
+) -> list[list[int]]:
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -108,11 +130,20 @@ def _hf_generate(hf: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            min_new_tokens=0 if stop else new_tokens,
+            eos_token_id=list(stop) if stop else None,
             pad_token_id=0,
             **kwargs,
         )
     return out[:, width:].tolist()
+
+
+def _length(row: list[int], stop: tuple[int, ...]) -> int:
+    """Generated tokens of an HF row up to and including its first stop token (the rest is padding)."""
+    for i, tok in enumerate(row):
+        if tok in stop:
+            return i + 1
+    return len(row)
 
 
 def _time(fn: Any) -> float:
@@ -139,20 +170,34 @@ def dense(args: argparse.Namespace) -> dict[str, Any]:
         engine = RolloutEngine([model])
         greedy = engine.generate(prompts[:4], SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
         same = [g.token_ids for g in greedy] == _hf_generate(hf, prompts[:4], 16, sample=False)
-        sampling = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True)
-        ours, theirs = [], []
+        stop = _stop_ids(args)
+        sampling = SamplingParams(
+            temperature=0.6, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True, stop_token_ids=stop
+        )
+        ours, theirs, our_tokens, their_tokens = [], [], [], []
         for _ in range(args.rounds):
-            ours.append(_time(lambda: engine.generate(prompts, sampling)))
-            theirs.append(_time(lambda: _hf_generate(hf, prompts, args.new_tokens, sample=True)))
-        tokens = args.batch * args.new_tokens
-        r, h = statistics.median(ours), statistics.median(theirs)
+            ours.append(
+                _time(lambda: our_tokens.append(sum(len(c.token_ids) for c in engine.generate(prompts, sampling))))
+            )
+            theirs.append(
+                _time(
+                    lambda: their_tokens.append(
+                        sum(_length(row, stop) for row in _hf_generate(hf, prompts, args.new_tokens, True, stop))
+                    )
+                )
+            )
+        r = statistics.median(t / n for t, n in zip(ours, our_tokens, strict=True))  # seconds per useful token
+        h = statistics.median(t / n for t, n in zip(theirs, their_tokens, strict=True))
         return {
             "model": "qwen2-architecture",
             "params": params,
             "overrides": overrides,
             "greedy_tokens_identical": same,
-            "r1mega_tok_s": tokens / r,
-            "hf_tok_s": tokens / h,
+            "mean_length_setting": args.mean_length,
+            "r1mega_mean_length": statistics.mean(our_tokens) / args.batch,
+            "hf_mean_length": statistics.mean(their_tokens) / args.batch,
+            "r1mega_tok_s": 1 / r,
+            "hf_tok_s": 1 / h,
             "ratio": h / r,
             "r1mega_s": ours,
             "hf_s": theirs,
@@ -201,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.new_tokens}
     results["dense"] = d = dense(args)
+    lengths = f"mean length {d['r1mega_mean_length']:.1f} (r1mega) / {d['hf_mean_length']:.1f} (HF)"
     print(
-        f"dense {d['params'] / 1e6:.1f}M params, batch {args.batch}, {args.new_tokens} new tokens, T=0.6 top-p 0.95\n"
+        f"dense {d['params'] / 1e6:.1f}M params, batch {args.batch}, up to {args.new_tokens} new tokens, "
+        f"T=0.6 top-p 0.95, {lengths}\n"
         f"  r1mega {d['r1mega_tok_s']:.0f} tok/s | HF generate {d['hf_tok_s']:.0f} tok/s | ratio {d['ratio']:.2f}x"
         f" | same greedy tokens: {d['greedy_tokens_identical']}"
     )
