@@ -25,7 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=3000, help="training examples (default 3000)")
     parser.add_argument("--num-eval", type=int, default=200, help="held-out eval examples (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
-    parser.add_argument("--tasks", default=None, help="comma-separated reasoning-gym tasks (default: all registered)")
+    parser.add_argument(
+        "--preset",
+        default="default",
+        help="task mix and difficulty: default (all registered tasks) or easy (the tiny CPU pipeline's set)",
+    )
+    parser.add_argument("--tasks", default=None, help="comma-separated reasoning-gym tasks (default: all of the preset)")
     parser.add_argument("--tokenizer-out", default=None, help="also train the tiny R1 tokenizer and save it here")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default 2048)")
     return parser.parse_args(argv)
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         tasks=args.tasks.split(",") if args.tasks else None,
         tokenizer_out=args.tokenizer_out,
         vocab_size=args.vocab_size,
+        preset=args.preset,
     )
     print(json.dumps(manifest, indent=2))
 

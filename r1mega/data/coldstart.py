@@ -246,6 +246,34 @@ def _solve_prime_factorization(item: dict[str, Any]) -> Solution:
     return "\n".join(lines), answer
 
 
+PRESETS: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {
+    "easy": {
+        "chain_sum": (1.0, {"min_terms": 2, "max_terms": 3, "max_digits": 1}),
+        "leg_counting": (1.0, {"min_animals": 1, "max_animals": 2, "max_instances": 5}),
+        "gcd": (1.0, {"max_value": 50}),
+    },
+}
+"""Named task mixes besides ``default`` (every registered task at its registered weight and difficulty):
+task -> (weight, reasoning-gym difficulty). ``easy`` is the tiny CPU pipeline's: sums of two or three
+one-digit numbers, legs of one or two kinds of animal, GCDs up to 50 -- short worked solutions a 64-wide
+model learns in minutes, so GRPO starts from a policy that is sometimes right."""
+
+
+def task_plan(preset: str = "default", tasks: Sequence[str] | None = None) -> dict[str, tuple[float, dict[str, Any]]]:
+    """task -> (weight, reasoning-gym difficulty) of ``preset``, restricted to ``tasks`` when given."""
+    if preset == "default":
+        plan = {name: (t.weight, t.config) for name, t in TASKS.items()}
+    elif preset in PRESETS:
+        plan = PRESETS[preset]
+    else:
+        raise ColdStartError(f"Unknown cold-start preset {preset!r}: choose from default, {', '.join(PRESETS)}.")
+    names = list(tasks) if tasks else list(plan)
+    unknown = [n for n in names if n not in plan]
+    if unknown:
+        raise ColdStartError(f"Unknown cold-start task(s) {unknown} for preset {preset}: choose from {', '.join(plan)}.")
+    return {n: plan[n] for n in names}
+
+
 def make_prompt(question: str) -> str:
     """The user prompt for a reasoning-gym question: the question, then R1's math instruction."""
     return f"{question.strip()}\n{INSTRUCTION}"
@@ -268,31 +296,34 @@ def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def generate_cold_start(
-    num_train: int = 3000, num_eval: int = 200, seed: int = 0, tasks: Sequence[str] | None = None
+    num_train: int = 3000,
+    num_eval: int = 200,
+    seed: int = 0,
+    tasks: Sequence[str] | None = None,
+    preset: str = "default",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Build (train, eval) SFT records; deterministic in the arguments, prompts distinct over both lists.
 
     A record is ``{"id", "prompt", "reasoning", "response", "meta": {"task", "answer", "source_index"}}``
-    (the SFT JSONL schema of ``r1mega.data.sft``); ``id`` is ``<task>-s<seed>-<index>`` and does not
-    depend on the sizes asked for.
+    (the SFT JSONL schema of ``r1mega.data.sft``); ``id`` is ``<task>-s<seed>-<index>`` (``<task>-<preset>-...``
+    for a preset other than ``default``) and does not depend on the sizes asked for. ``preset`` names a task
+    mix and difficulty (:data:`PRESETS`); ``tasks`` restricts it.
     """
     import reasoning_gym
 
-    names = list(tasks) if tasks else list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ColdStartError(f"Unknown cold-start task(s) {unknown}: choose from {', '.join(TASKS)}.")
+    plan = task_plan(preset, tasks)
     if num_train <= 0 or num_eval < 0:
         raise ColdStartError(f"num_train={num_train}, num_eval={num_eval}: need num_train > 0 and num_eval >= 0.")
-    weights = {n: TASKS[n].weight for n in names}
+    weights = {n: w for n, (w, _) in plan.items()}
+    tag = "" if preset == "default" else f"-{preset}"
     n_train, n_eval = _allocate(num_train, weights), _allocate(num_eval, weights)
     seen: set[str] = set()
     train, held_out = [], []
-    for name in names:
+    for name, (_, difficulty) in plan.items():
         need, skipped = n_train[name] + n_eval[name], 0
         size = 4 * need + 100
         task_seed = zlib.crc32(f"{seed}:{name}".encode())
-        dataset = reasoning_gym.create_dataset(name, seed=task_seed, size=size, **TASKS[name].config)
+        dataset = reasoning_gym.create_dataset(name, seed=task_seed, size=size, **difficulty)
         records = []
         for index in range(size):
             if len(records) == need:
@@ -311,7 +342,7 @@ def generate_cold_start(
             seen.add(prompt)
             records.append(
                 {
-                    "id": f"{name}-s{seed}-{index:06d}",
+                    "id": f"{name}{tag}-s{seed}-{index:06d}",
                     "prompt": prompt,
                     "reasoning": reasoning,
                     "response": make_response(answer),
@@ -357,20 +388,22 @@ def write_cold_start(
     tasks: Sequence[str] | None = None,
     tokenizer_out: str | None = None,
     vocab_size: int = 2048,
+    preset: str = "default",
 ) -> dict[str, Any]:
     """Write ``train.jsonl``, ``eval.jsonl`` (SFT records), ``eval_prompts.jsonl`` and ``manifest.json``.
 
     With ``tokenizer_out`` also trains R1's tiny byte-level BPE on the training records and saves it
-    there. Returns the manifest (sizes, per-task counts, seed, tokenizer size), which is deterministic too.
+    there. Returns the manifest (preset, sizes, per-task counts, seed, tokenizer size), which is deterministic too.
     """
     start = time.perf_counter()
-    train, held_out = generate_cold_start(num_train, num_eval, seed, tasks)
+    train, held_out = generate_cold_start(num_train, num_eval, seed, tasks, preset)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "eval.jsonl", held_out)
     _write_jsonl(out / "eval_prompts.jsonl", [eval_prompt(r) for r in held_out])
     manifest: dict[str, Any] = {
+        "preset": preset,
         "seed": seed,
         "num_train": len(train),
         "num_eval": len(held_out),
@@ -379,7 +412,7 @@ def write_cold_start(
                 "train": sum(r["meta"]["task"] == name for r in train),
                 "eval": sum(r["meta"]["task"] == name for r in held_out),
             }
-            for name in (tasks or TASKS)
+            for name in task_plan(preset, tasks)
         },
     }
     if tokenizer_out is not None:

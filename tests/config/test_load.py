@@ -14,7 +14,11 @@ from r1mega.config.schema import R1Config
 from r1mega.config.validate import Accelerator, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+PIPELINE_GROUPS = ("pipeline",)
+"""Groups of the r1mega-pipeline app (conf/r1_pipeline.yaml), tested in tests/pipeline/test_config.py."""
+GROUPS = sorted(
+    p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name not in PIPELINE_GROUPS
+)
 CPU = Accelerator(cuda=False, transformer_engine=False)
 GPU = Accelerator(cuda=True, transformer_engine=True)
 
