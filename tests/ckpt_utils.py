@@ -43,24 +43,31 @@ def run_trainer(
 
 
 def run_trainer_ranks(
-    args: list[str], run_dir: Path, ranks: int, *extra: str, kill_at: str | None = None, timeout: float = 300
+    args: list[str],
+    run_dir: Path,
+    ranks: int,
+    *extra: str,
+    kill_at: str | None = None,
+    timeout: float = 300,
+    module: str = "r1mega.cli.train",
 ) -> list[str]:
-    """Run ``ranks`` processes of r1mega-train (torchrun's variables, as run_ranks sets them); return each
-    rank's log, headed ``[rc=N]``. Each rank gets its own session, killed afterwards (see run_trainer)."""
+    """Run ``ranks`` processes of ``python -m module`` (r1mega-train by default; torchrun's variables, as
+    run_ranks sets them, when more than one); return each rank's log, headed ``[rc=N]``. Each rank gets its
+    own session, killed afterwards (see run_trainer)."""
     from dist_utils import free_port, rank_env
 
     run_dir.mkdir(parents=True, exist_ok=True)
     port, procs, logs = free_port(), [], []
     for rank in range(ranks):
-        env = rank_env(rank, ranks, port)
+        env = rank_env(rank, ranks, port) if ranks > 1 else dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("R1MEGA_KILL_AT", None)
         if kill_at:
             env["R1MEGA_KILL_AT"] = kill_at
-        logs.append(run_dir / f"rank{rank}-{time.monotonic_ns()}.log")
+        logs.append(run_dir / f"{module.rsplit('.', 1)[-1]}-rank{rank}-{time.monotonic_ns()}.log")
         with open(logs[-1], "w") as out:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "r1mega.cli.train", *args, f"run_dir={run_dir}", *extra],
+                    [sys.executable, "-m", module, *args, f"run_dir={run_dir}", *extra],
                     env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,

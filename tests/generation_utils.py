@@ -3,14 +3,9 @@ set, a randomly initialised checkpoint of a tiny model, and the job CLIs run as 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from dist_utils import free_port, rank_env
+from ckpt_utils import run_trainer_ranks
 
 
 def make_prompt_data(out: Path) -> Path:
@@ -51,31 +46,4 @@ def job_args(data: Path, checkpoint: Path, model: str = "qwen2_tiny") -> list[st
 def run_job(module: str, args: list[str], run_dir: Path, ranks: int = 1, timeout: float = 300) -> list[str]:
     """Run ``python -m module args`` as ``ranks`` processes (torchrun's variables when more than one); return
     each rank's output headed ``[rc=N]``. Each process gets its own session, killed afterwards."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    port, procs, logs = free_port(), [], []
-    for rank in range(ranks):
-        env = rank_env(rank, ranks, port) if ranks > 1 else dict(os.environ, OMP_NUM_THREADS="1")
-        logs.append(run_dir / f"{module.rsplit('.', 1)[-1]}-rank{rank}-{time.monotonic_ns()}.log")
-        with open(logs[-1], "w") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", module, *args, f"run_dir={run_dir}"],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    deadline = time.monotonic() + timeout
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return [f"[rc={code}]\n{log.read_text()}" for code, log in zip(codes, logs, strict=True)]
+    return run_trainer_ranks(args, run_dir, ranks, timeout=timeout, module=module)
