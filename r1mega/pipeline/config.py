@@ -36,6 +36,9 @@ class StepConfig:
     """Overrides for this step's evaluation (e.g. the student's model preset), after the pipeline's."""
     label: str = ""
     """What the report calls this step (default: its name)."""
+    check_prompts: str | None = None
+    """For kind=export: a JSONL of held-out prompts; after the export, ``transformers`` alone loads the folder
+    and generates from the first few (``generations.json``, in the report): the proof the folder is usable."""
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:

@@ -7,6 +7,7 @@ written by ``r1mega-eval``: R1's protocol, pass@1 over k samples at T=0.6 / top-
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,27 @@ def accuracy_table(manifests: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hf_generations(manifests: Sequence[dict[str, Any]]) -> str:
+    """A section per export step checked with ``transformers`` alone: greedy generations and their verdicts."""
+    parts = []
+    for m in manifests:
+        path = Path(m.get("outputs", {}).get("generations", ""))
+        if not m.get("outputs", {}).get("generations") or not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        right = sum(g["correct"] for g in data["generations"])
+        parts.append(
+            f"\n### {m.get('label', m['name'])}: `{data['hf_dir']}`\n\n"
+            f"`AutoModelForCausalLM` loaded it and generated (greedy); {right}/{len(data['generations'])} right.\n\n"
+            "| prompt | completion | answer | right |\n|---|---|---|---|\n"
+        )
+        for g in data["generations"]:
+            cells = [g["prompt"], g["completion"], g["answer"]]
+            cells = [c.replace("|", "\\|").replace("\n", " ")[-160:] for c in cells]
+            parts.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {'yes' if g['correct'] else 'no'} |\n")
+    return "\n## Hugging Face exports, loaded by transformers\n" + "".join(parts) if parts else ""
+
+
 def write_report(manifests: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
     """``<out_dir>/report.md`` with the accuracy table, step timings and one PNG of training curves per step."""
     out_dir = Path(out_dir)
@@ -93,6 +115,7 @@ def write_report(manifests: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
     for m in manifests:
         outputs = ", ".join(f"{k}: `{v}`" for k, v in m.get("outputs", {}).items())
         parts.append(f"| {m['name']} | {m['kind']} | {_fmt(m.get('seconds'))} | {m.get('restarts', 0)} | {outputs} |\n")
+    parts.append(hf_generations(manifests))
     parts.append("\n## Training curves\n")
     for m in manifests:
         tb = Path(m.get("outputs", {}).get("run_dir", "")) / "tb"

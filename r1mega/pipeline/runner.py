@@ -30,6 +30,7 @@ MODULES = {
     "sample": "r1mega.cli.rejection_sample",
     "eval": "r1mega.cli.eval",
     "export": "r1mega.convert.cli",
+    "hf_check": "r1mega.pipeline.hf_check",
 }
 """The python module behind each step kind (``command`` steps name their own)."""
 
@@ -154,6 +155,11 @@ class PipelineRunner:
             outputs["checkpoint"] = str(ckpt)
             if step.evaluate:
                 outputs.update(self._evaluate(step, out, ckpt))
+        if step.kind == "export" and step.check_prompts:
+            generations = out / "generations.json"
+            check = [*self._launcher(MODULES["hf_check"], 1), outputs["hf"], "--prompts", step.check_prompts]
+            self._run([*check, "--out", str(generations)], out / "step.log")
+            outputs["generations"] = str(generations)
         manifest.update(outputs=outputs, status="complete", seconds=time.perf_counter() - start, finished=time.time())
         manifest["metrics"] = self._metrics(outputs)
         write_json(out / "manifest.json", manifest)

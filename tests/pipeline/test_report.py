@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from torch.utils.tensorboard import SummaryWriter
 
 from r1mega.pipeline.report import accuracy_table, read_scalars, write_report
@@ -38,3 +40,25 @@ def test_report_plots_training_curves(tmp_path):
     text = path.read_text()
     assert "| grpo | 0.250 |" in text and "![grpo](grpo.png)" in text
     assert (tmp_path / "report" / "grpo.png").stat().st_size > 1000
+
+
+def test_report_shows_what_transformers_generated_from_each_export(tmp_path):
+    generations = tmp_path / "generations.json"
+    rows = [
+        {"prompt": "What is 2 | 3?", "completion": "2 + 3 = 5\n</think>\n\\boxed{5}", "answer": "5", "correct": True},
+        {"prompt": "gcd(4, 6)?", "completion": "\\boxed{3}", "answer": "2", "correct": False},
+    ]
+    generations.write_text(json.dumps({"hf_dir": "run/export_qwen/hf", "generations": rows}))
+    manifests = [
+        {
+            "name": "export_qwen",
+            "label": "Qwen2 student",
+            "kind": "export",
+            "outputs": {"generations": str(generations)},
+        },
+        {"name": "export_llama", "kind": "export", "outputs": {"hf": "missing"}},
+    ]
+    text = write_report(manifests, tmp_path / "report").read_text()
+    assert "### Qwen2 student: `run/export_qwen/hf`" in text and "1/2 right" in text
+    assert "| What is 2 \\| 3? | 2 + 3 = 5 </think> \\boxed{5} | 5 | yes |" in text
+    assert "export_llama:" not in text
