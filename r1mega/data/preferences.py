@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from r1mega.data.jsonl import read_records
 from r1mega.data.sft import SFTDataError
 from r1mega.utils.logging import get_logger
 
@@ -53,7 +54,6 @@ REJECTION_KINDS = ("unclosed_think", "double_think", "rambling", "mixed_language
 """How :func:`make_pairs` corrupts a clean answer into a rejected one (see the module docstring)."""
 
 _RECORD_KEYS = {"id", "prompt", "chosen", "rejected", "meta"}
-_MAX_SKIP_WARNINGS = 10
 _FILLERS = (
     "Wait, let me re-check that.",
     "Hmm, let me go over this again to be sure.",
@@ -123,33 +123,7 @@ def parse_preference_record(record: object, default_id: str) -> PreferencePair:
 def read_preferences(path: str | Path, skip_malformed: bool = False) -> list[PreferencePair]:
     """Read a preference JSONL file; a malformed line raises :class:`PreferenceDataError` naming ``file:line``
     (with ``skip_malformed`` it is skipped, counted and logged instead). Blank lines are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise PreferenceDataError(f"No preference data file at {str(path)!r}: give the path of a JSONL file.")
-    pairs: list[PreferencePair] = []
-    skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                pairs.append(parse_preference_record(record, default_id=f"{path.name}:{lineno}"))
-            except ValueError as e:
-                message = f"{path}:{lineno}: {e}."
-                if not skip_malformed:
-                    raise PreferenceDataError(message + " Fix the line, or skip malformed lines.") from None
-                skipped += 1
-                if skipped <= _MAX_SKIP_WARNINGS:
-                    log.warning("Skipping malformed preference line %s", message)
-    if skipped:
-        log.warning("Skipped %d malformed line(s) of %s; kept %d pair(s)", skipped, path, len(pairs))
-    if not pairs:
-        raise PreferenceDataError(f"{path} holds no usable preference pair.")
-    return pairs
+    return read_records(path, parse_preference_record, PreferenceDataError, "preference", "pair", skip_malformed)[0]
 
 
 # ---- tokens and batches ---------------------------------------------------------------------------------

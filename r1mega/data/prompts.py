@@ -13,12 +13,13 @@ with a generation prompt and appends the forced prefix (R1's ``<think>\\n``).
 from __future__ import annotations
 
 import functools
-import json
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from r1mega.data.jsonl import read_records
 
 
 class PromptDataError(ValueError):
@@ -35,38 +36,23 @@ class Prompt:
     task: str | None = None
 
 
-def _parse(record: Any, where: str) -> Prompt:
+def parse_prompt_record(record: Any, default_id: str) -> Prompt:
+    """A :class:`Prompt` from one JSONL record (either form above); ``ValueError`` says what is wrong."""
     if not isinstance(record, dict):
-        raise PromptDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-    prompt, answer = record.get("prompt"), record.get("answer", meta.get("answer"))
+    prompt, answer = record.get("prompt", "record"), record.get("answer", meta.get("answer"))
     if not isinstance(prompt, str) or not prompt:
-        raise PromptDataError(f"{where}: 'prompt' must be a non-empty string")
+        raise ValueError("'prompt' must be a non-empty string")
     if answer is None:
-        raise PromptDataError(f"{where}: no 'answer' (or 'meta.answer') to verify responses against")
+        raise ValueError("no 'answer' (or 'meta.answer') to verify responses against")
     task = record.get("task", meta.get("task"))
-    return Prompt(str(record.get("id", where)), prompt, str(answer), None if task is None else str(task))
+    return Prompt(str(record.get("id", default_id)), prompt, str(answer), None if task is None else str(task))
 
 
 def load_prompts(path: str) -> list[Prompt]:
-    """Every prompt in the JSONL file ``path`` (blank lines skipped)."""
-    prompts = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptDataError(f"{where}: not valid JSON ({e.msg})") from None
-                prompts.append(_parse(record, where))
-    except OSError as e:
-        raise PromptDataError(f"cannot read prompt file {path}: {e.strerror}") from None
-    if not prompts:
-        raise PromptDataError(f"{path} holds no prompts")
-    return prompts
+    """Every prompt in the JSONL file ``path`` (blank lines skipped; a malformed line names file and line)."""
+    return read_records(path, parse_prompt_record, PromptDataError, "prompt", "record")[0]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, prefix: str = "") -> list[int]:

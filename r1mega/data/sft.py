@@ -10,7 +10,6 @@ and 0 at each document's last position (whose next token belongs to another docu
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from r1mega.data.jsonl import read_records
 from r1mega.utils.logging import get_logger
 
 if TYPE_CHECKING:  # only for annotations: packing, batches and sampling do not need transformers
@@ -33,7 +33,6 @@ ROLES = ("system", "user", "assistant")
 TRUNCATION = ("drop", "truncate")
 _RECORD_KEYS = {"messages", "prompt", "response", "reasoning", "id", "meta"}
 _MESSAGE_KEYS = {"role", "content", "reasoning"}
-_MAX_SKIP_WARNINGS = 10
 
 
 class SFTDataError(ValueError):
@@ -129,33 +128,7 @@ def read_sft_jsonl(path: str | Path, skip_malformed: bool = False) -> tuple[list
     A malformed line raises :class:`SFTDataError` naming ``file:line`` and what is wrong; with
     ``skip_malformed`` it is skipped, counted and logged instead. Blank lines are ignored.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SFTDataError(f"No SFT data file at {str(path)!r}: give the path of a JSONL file.")
-    examples: list[SFTExample] = []
-    skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                examples.append(parse_sft_record(record, default_id=f"{path.name}:{lineno}"))
-            except ValueError as e:
-                message = f"{path}:{lineno}: {e}."
-                if not skip_malformed:
-                    raise SFTDataError(message + " Fix the line, or skip malformed lines.") from None
-                skipped += 1
-                if skipped <= _MAX_SKIP_WARNINGS:
-                    log.warning("Skipping malformed SFT line %s", message)
-    if skipped:
-        log.warning("Skipped %d malformed line(s) of %s; kept %d example(s)", skipped, path, len(examples))
-    if not examples:
-        raise SFTDataError(f"{path} holds no usable SFT example.")
-    return examples, skipped
+    return read_records(path, parse_sft_record, SFTDataError, "SFT", "example", skip_malformed)
 
 
 def _render(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]], generation_prompt: bool) -> str:
