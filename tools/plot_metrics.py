@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("run", help="a run folder (its tb/ is read), or a folder of TensorBoard event files")
     parser.add_argument("--out", default=None, help="PNG to write (default: <run>/metrics.png)")
     parser.add_argument(
-        "--scalars", nargs="+", default=list(DEFAULT_SCALARS), help=f"scalars to plot (default: {' '.join(DEFAULT_SCALARS)})"
+        "--scalars",
+        nargs="+",
+        default=list(DEFAULT_SCALARS),
+        help=f"scalars to plot (default: {' '.join(DEFAULT_SCALARS)})",
     )
     parser.add_argument("--csv", default=None, help="also write the plotted values to this CSV (tag, step, value)")
     parser.add_argument("--title", default=None, help="figure title (default: the run folder)")

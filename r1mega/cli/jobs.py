@@ -1,7 +1,8 @@
-"""What the Hydra apps of the generation jobs share (``r1mega-eval``, ``r1mega-rejection-sample``).
+"""What r1mega's Hydra apps share (``r1mega-train``, ``r1mega-eval``, ``r1mega-rejection-sample``).
 
-They take the training config (``conf/``, the same overrides as ``r1mega-train``), start the processes the
-same way (torchrun, srun or one process) and fail on a bad config or bad data with one line and exit code 2.
+They take the same config (``conf/``, the same overrides), start the processes the same way (torchrun, srun
+or one process) and fail in one line: exit code 2 for a bad config or bad data, 3 for a loss that stopped
+being finite.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from r1mega.cli.train import _config_name, _overrides
 from r1mega.config.errors import ConfigError
 from r1mega.config.load import compose_config, exit_on_config_error, to_typed
 from r1mega.config.schema import R1Config
@@ -22,9 +22,28 @@ from r1mega.config.store import register_configs
 Job = Callable[[R1Config, Any], Any]
 """``job(cfg, ctx)``: runs on every rank between start-up and tear-down."""
 
+HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")
+"""Hydra flags that print instead of running: the config is not checked before them."""
+
+
+def cli_overrides(argv: list[str]) -> list[str]:
+    """The Hydra overrides on the command line (not Hydra's own flags or ``hydra.*`` settings)."""
+    return [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra"))]
+
+
+def cli_config_name(argv: list[str]) -> str:
+    """The ``--config-name``/``-cn`` given on the command line (Hydra's own flag), else ``config``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config-name="):
+            return arg.split("=", 1)[1]
+        if arg in ("--config-name", "-cn") and i + 1 < len(argv):
+            return argv[i + 1]
+    return "config"
+
 
 def run_job(dcfg: DictConfig, job: Job) -> Any:
-    """Type the composed config, start the processes, run ``job`` and tear down; user errors exit with 2."""
+    """Type the composed config, start the processes, run ``job`` and tear down; user errors exit with 2,
+    a non-finite loss with 3."""
     from r1mega.utils.logging import setup_logging
 
     try:
@@ -35,28 +54,33 @@ def run_job(dcfg: DictConfig, job: Job) -> Any:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from r1mega.checkpoint.manager import CheckpointError
     from r1mega.data.prompts import PromptDataError
+    from r1mega.data.sft import SFTDataError
     from r1mega.data.tokenizer import TokenizerError
     from r1mega.parallel import bootstrap
+    from r1mega.train.loop import NonFiniteError
 
     try:
         ctx = bootstrap.initialize(cfg)
         return job(cfg, ctx)
     except ConfigError as e:
         exit_on_config_error(e)
-    except (PromptDataError, TokenizerError, CheckpointError) as e:
+    except (SFTDataError, PromptDataError, TokenizerError, CheckpointError) as e:
         print(f"r1mega: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"r1mega: {e}", file=sys.stderr)
+        sys.exit(3)
     finally:
         bootstrap.destroy()
 
 
 def main_for(app: Callable[[], None]) -> None:
-    """Console entry point of a job's Hydra app: reject a bad config in one line before Hydra starts."""
+    """Console entry point of a Hydra app: reject a bad config in one line before Hydra starts."""
     register_configs()
     argv = sys.argv[1:]
-    if not any(a in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for a in argv):
+    if not any(a in HYDRA_INFO_FLAGS for a in argv):
         try:
-            compose_config(_overrides(argv), config_name=_config_name(argv))
+            compose_config(cli_overrides(argv), config_name=cli_config_name(argv))
         except ConfigError as e:
             exit_on_config_error(e)
     app()
