@@ -30,7 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         help="task mix and difficulty: default (all registered tasks) or easy (the tiny CPU pipeline's set)",
     )
-    parser.add_argument("--tasks", default=None, help="comma-separated reasoning-gym tasks (default: all of the preset)")
+    parser.add_argument(
+        "--unboxed-share",
+        type=float,
+        default=0.0,
+        help="share of training records that state the answer without \\boxed{} (a format habit for RL to unlearn)",
+    )
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated reasoning-gym tasks (default: all of the preset)"
+    )
     parser.add_argument("--tokenizer-out", default=None, help="also train the tiny R1 tokenizer and save it here")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default 2048)")
     return parser.parse_args(argv)
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_out=args.tokenizer_out,
         vocab_size=args.vocab_size,
         preset=args.preset,
+        unboxed_share=args.unboxed_share,
     )
     print(json.dumps(manifest, indent=2))
 

@@ -270,7 +270,9 @@ def task_plan(preset: str = "default", tasks: Sequence[str] | None = None) -> di
     names = list(tasks) if tasks else list(plan)
     unknown = [n for n in names if n not in plan]
     if unknown:
-        raise ColdStartError(f"Unknown cold-start task(s) {unknown} for preset {preset}: choose from {', '.join(plan)}.")
+        raise ColdStartError(
+            f"Unknown cold-start task(s) {unknown} for preset {preset}: choose from {', '.join(plan)}."
+        )
     return {n: plan[n] for n in names}
 
 
@@ -282,6 +284,11 @@ def make_prompt(question: str) -> str:
 def make_response(answer: str) -> str:
     """The answer after the reasoning: the final result in ``\\boxed{}``."""
     return f"The answer is \\boxed{{{answer}}}."
+
+
+def make_plain_response(answer: str) -> str:
+    """The answer in words, without ``\\boxed{}``: right, but no verifier can find it."""
+    return f"The answer is {answer}."
 
 
 def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -301,19 +308,26 @@ def generate_cold_start(
     seed: int = 0,
     tasks: Sequence[str] | None = None,
     preset: str = "default",
+    unboxed_share: float = 0.0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Build (train, eval) SFT records; deterministic in the arguments, prompts distinct over both lists.
 
     A record is ``{"id", "prompt", "reasoning", "response", "meta": {"task", "answer", "source_index"}}``
     (the SFT JSONL schema of ``r1mega.data.sft``); ``id`` is ``<task>-s<seed>-<index>`` (``<task>-<preset>-...``
     for a preset other than ``default``) and does not depend on the sizes asked for. ``preset`` names a task
-    mix and difficulty (:data:`PRESETS`); ``tasks`` restricts it.
+    mix and difficulty (:data:`PRESETS`); ``tasks`` restricts it. ``unboxed_share`` of the training records (chosen by
+    the seed) state their answer in plain words (:func:`make_plain_response`, ``meta.unboxed = true``) instead
+    of in ``\\boxed{}``: a cold start whose answer format is inconsistent, as collected traces are. The model
+    imitates both; only a boxed answer can be verified, so GRPO's accuracy reward has to teach it the one that
+    pays (R1's rule-based rewards check the box, and so does the evaluation). Held-out records are unchanged.
     """
     import reasoning_gym
 
     plan = task_plan(preset, tasks)
     if num_train <= 0 or num_eval < 0:
         raise ColdStartError(f"num_train={num_train}, num_eval={num_eval}: need num_train > 0 and num_eval >= 0.")
+    if not 0.0 <= unboxed_share <= 1.0:
+        raise ColdStartError(f"unboxed_share={unboxed_share}: need a share between 0 and 1.")
     weights = {n: w for n, (w, _) in plan.items()}
     tag = "" if preset == "default" else f"-{preset}"
     n_train, n_eval = _allocate(num_train, weights), _allocate(num_eval, weights)
@@ -360,6 +374,12 @@ def generate_cold_start(
     rng = random.Random(f"r1mega-coldstart:{seed}")
     rng.shuffle(train)
     rng.shuffle(held_out)
+    unboxed = random.Random(f"r1mega-coldstart-unboxed:{seed}").sample(
+        range(len(train)), round(unboxed_share * len(train))
+    )
+    for i in unboxed:
+        answer = train[i]["meta"]["answer"]
+        train[i] = {**train[i], "response": make_plain_response(answer), "meta": {**train[i]["meta"], "unboxed": True}}
     return train, held_out
 
 
@@ -389,6 +409,7 @@ def write_cold_start(
     tokenizer_out: str | None = None,
     vocab_size: int = 2048,
     preset: str = "default",
+    unboxed_share: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``train.jsonl``, ``eval.jsonl`` (SFT records), ``eval_prompts.jsonl`` and ``manifest.json``.
 
@@ -396,7 +417,7 @@ def write_cold_start(
     there. Returns the manifest (preset, sizes, per-task counts, seed, tokenizer size), which is deterministic too.
     """
     start = time.perf_counter()
-    train, held_out = generate_cold_start(num_train, num_eval, seed, tasks, preset)
+    train, held_out = generate_cold_start(num_train, num_eval, seed, tasks, preset, unboxed_share)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", train)
@@ -404,6 +425,7 @@ def write_cold_start(
     _write_jsonl(out / "eval_prompts.jsonl", [eval_prompt(r) for r in held_out])
     manifest: dict[str, Any] = {
         "preset": preset,
+        "unboxed_share": unboxed_share,
         "seed": seed,
         "num_train": len(train),
         "num_eval": len(held_out),

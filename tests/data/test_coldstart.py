@@ -94,6 +94,21 @@ def test_deterministic_and_ids_stable_across_sizes() -> None:
         generate_cold_start(num_train=4, num_eval=1, tasks=["chess"])
 
 
+def test_unboxed_share_states_answers_in_plain_words() -> None:
+    plain, held_plain = generate_cold_start(num_train=40, num_eval=10, seed=1, preset="easy", unboxed_share=0.25)
+    boxed, held_boxed = generate_cold_start(num_train=40, num_eval=10, seed=1, preset="easy")
+    unboxed = [r for r in plain if r["meta"].get("unboxed")]
+    assert len(unboxed) == 10 and held_plain == held_boxed  # held-out records keep the box
+    for r, ref in zip(plain, boxed, strict=True):
+        assert r["id"] == ref["id"] and r["reasoning"] == ref["reasoning"]
+        if r["meta"].get("unboxed"):
+            assert r["response"] == f"The answer is {r['meta']['answer']}." and not BOXED.search(r["response"])
+        else:
+            assert r == ref
+    with pytest.raises(ColdStartError, match="unboxed_share=1.5"):
+        generate_cold_start(num_train=4, num_eval=1, unboxed_share=1.5)
+
+
 def test_worked_solutions_by_hand() -> None:
     reasoning, answer = TASKS["chain_sum"].solve({"metadata": {"expression": "6 - 8 + 7"}})
     assert answer == "5" and "6 - 8 = -2\n-2 + 7 = 5" in reasoning
