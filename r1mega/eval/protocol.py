@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from r1mega.data.prompts import Prompt, render_prompt
-from r1mega.rewards import RewardInput, extract_answer
+from r1mega.rewards import extract_answer
 from r1mega.rewards.scorer import RewardScorer
 from r1mega.rollout import RolloutEngine, SamplingParams
 
@@ -74,20 +74,7 @@ def evaluate_prompts(
     ids = [render_prompt(engine.tokenizer, p.prompt, prefix) for p in prompts for _ in range(samples)]
     completions = engine.generate(ids, params)
     flat = [p for p in prompts for _ in range(samples)]
-    inputs = [
-        RewardInput(
-            prompt=p.prompt,
-            completion=c.text,
-            answer=p.answer,
-            task=p.task,
-            completion_tokens=len(c.token_ids),
-            max_tokens=params.max_new_tokens,
-            prefix_in_prompt=bool(prefix),
-            group=p.id,
-        )
-        for p, c in zip(flat, completions, strict=True)
-    ]
-    scores = scorer.score_batch(inputs)
+    scores = scorer.score_completions(flat, completions, params.max_new_tokens, bool(prefix), [p.id for p in flat])
     return [
         SampleResult(
             prompt_id=p.id,

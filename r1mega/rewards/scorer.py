@@ -22,6 +22,8 @@ from r1mega.utils.logging import get_logger
 
 if TYPE_CHECKING:  # not at run time: verifier workers import this package and must stay free of torch
     from r1mega.config.schema import RewardConfig
+    from r1mega.data.prompts import Prompt
+    from r1mega.rollout import Completion
 
 log = get_logger(__name__)
 
@@ -111,6 +113,32 @@ class RewardScorer:
         if self._owns_pool and self._pool is not None:
             self._pool.close()
             self._pool = None
+
+    def score_completions(
+        self,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Completion],
+        max_tokens: int,
+        prefix_in_prompt: bool,
+        groups: Sequence[str],
+    ) -> list[RewardBreakdown]:
+        """The rewards of ``completions[i]`` sampled for ``prompts[i]`` (in group ``groups[i]``, for rewards
+        that compare a group) with the rollout's length limit and whether ``<think>`` was in the prompt."""
+        return self.score_batch(
+            [
+                RewardInput(
+                    prompt=p.prompt,
+                    completion=c.text,
+                    answer=p.answer,
+                    task=p.task,
+                    completion_tokens=len(c.token_ids),
+                    max_tokens=max_tokens,
+                    prefix_in_prompt=prefix_in_prompt,
+                    group=g,
+                )
+                for p, c, g in zip(prompts, completions, groups, strict=True)
+            ]
+        )
 
     def score_batch(self, samples: Sequence[RewardInput]) -> list[RewardBreakdown]:
         """The rewards of every sample, in order."""

@@ -32,7 +32,6 @@ from r1mega.eval.protocol import evaluate_prompts, summarize
 from r1mega.models.builder import build_model
 from r1mega.models.forward import forward_logits
 from r1mega.parallel.bootstrap import ParallelContext
-from r1mega.rewards import RewardInput
 from r1mega.rewards.reward_model import attach_reward_model
 from r1mega.rewards.scorer import RewardScorer
 from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from_logits, token_logprobs
@@ -151,21 +150,14 @@ class GRPOStage:
 
     def _score(self, groups: list[list[Sample]]) -> None:
         samples = [s for grp in groups for s in grp]
-        inputs = [
-            RewardInput(
-                prompt=s.prompt.prompt,
-                completion=s.completion.text,
-                answer=s.prompt.answer,
-                task=s.prompt.task,
-                completion_tokens=len(s.completion.token_ids),
-                max_tokens=self.g.max_new_tokens,
-                prefix_in_prompt=bool(self.g.prefix),
-                group=f"{id(grp)}",
-            )
-            for grp in groups
-            for s in grp
-        ]
-        for s, b in zip(samples, self.scorer.score_batch(inputs), strict=True):
+        scores = self.scorer.score_completions(
+            [s.prompt for s in samples],
+            [s.completion for s in samples],
+            self.g.max_new_tokens,
+            bool(self.g.prefix),
+            [str(g) for g, grp in enumerate(groups) for _ in grp],
+        )
+        for s, b in zip(samples, scores, strict=True):
             s.reward, s.values = b.total, b.values
 
     def _any_rank(self, flag: bool) -> bool:

@@ -53,7 +53,7 @@ from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config, RejectionConfig
 from r1mega.data.prompts import Prompt, load_prompts, render_prompt
 from r1mega.parallel.bootstrap import ParallelContext
-from r1mega.rewards import RewardBreakdown, RewardInput, RewardScorer
+from r1mega.rewards import RewardBreakdown, RewardScorer
 from r1mega.rewards.answer import THINK_END, answer_region, reasoning_text
 from r1mega.rewards.formatting import think_format_ok
 from r1mega.rollout import Completion, SamplingParams
@@ -231,20 +231,9 @@ class _Sampler:
         if not self.job.reports:
             return []
         flat = [(i, p) for i, p in batch for _ in range(k)]
-        inputs = [
-            RewardInput(
-                prompt=p.prompt,
-                completion=c.text,
-                answer=p.answer,
-                task=p.task,
-                completion_tokens=len(c.token_ids),
-                max_tokens=self.r.max_new_tokens,
-                prefix_in_prompt=self.prefixed,
-                group=str(i),
-            )
-            for (i, p), c in zip(flat, completions, strict=True)
-        ]
-        scores = self.scorer.score_batch(inputs)
+        scores = self.scorer.score_completions(
+            [p for _, p in flat], completions, self.r.max_new_tokens, self.prefixed, [str(i) for i, _ in flat]
+        )
         return [
             self._outcome(i, p, completions[n * k : (n + 1) * k], scores[n * k : (n + 1) * k])
             for n, (i, p) in enumerate(batch)
