@@ -276,6 +276,8 @@ def _read_records(path: Path, limit: int, seed: int) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PreferenceDataError(f"No cold-start file at {str(path)!r}: write one with tools/make_cold_start.py.")
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # A chosen response is R1's clean answer: records whose answer is not boxed (--unboxed-share) are left out.
+    records = [r for r in records if not r.get("meta", {}).get("unboxed")]
     random.Random(f"r1mega-pref-sample:{seed}:{path.name}").shuffle(records)
     return records[:limit] if limit else records
 

@@ -104,6 +104,20 @@ def test_write_preferences_splits_train_and_eval(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "train.jsonl").read_bytes() == (tmp_path / "again" / "train.jsonl").read_bytes()
 
 
+def test_unboxed_cold_start_records_are_not_chosen(tmp_path: Path) -> None:
+    src = tmp_path / "cold_start"
+    src.mkdir()
+    records = cold_start_records(12, "a")
+    for r in records[::2]:  # as --unboxed-share writes them
+        r["response"], r["meta"] = f"The answer is {r['meta']['answer']}.", {**r["meta"], "unboxed": True}
+    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (src / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cold_start_records(4, "b", start=100)))
+    write_preferences(str(src), str(tmp_path / "out"), num_train=0, num_eval=0, seed=0)
+    train = read_preferences(tmp_path / "out" / "train.jsonl")
+    assert {p.prompt for p in train} == {r["prompt"] for r in records[1::2]}
+    assert all("\\boxed{" in p.chosen for p in train)
+
+
 GOOD = {"id": "p1", "prompt": "2+2?", "chosen": "<think>\n2+2=4\n</think>\n\n4", "rejected": "5"}
 
 
