@@ -100,8 +100,8 @@ def hf_generations(manifests: Sequence[dict[str, Any]]) -> str:
             "| prompt | completion | answer | right |\n|---|---|---|---|\n"
         )
         for g in data["generations"]:
-            cells = [g["prompt"], g["completion"], g["answer"]]
-            cells = [c.replace("|", "\\|").replace("\n", " ")[-160:] for c in cells]
+            prompt, completion = (" ".join(g[k].replace("|", "\\|").split()) for k in ("prompt", "completion"))
+            cells = [prompt[:100] + ("…" if len(prompt) > 100 else ""), completion[-200:], g["answer"]]
             parts.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {'yes' if g['correct'] else 'no'} |\n")
     return "\n## Hugging Face exports, loaded by transformers\n" + "".join(parts) if parts else ""
 
