@@ -25,6 +25,27 @@ def _train(cfg: R1Config, ctx) -> None:
     if result.preempted:
         print(f"r1mega: stopped at step {result.step} on request; checkpoint saved", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    if cfg.eval.after_training:
+        _evaluate_final(cfg, ctx)
+
+
+def _evaluate_final(cfg: R1Config, ctx) -> None:
+    """R1's evaluation of the run's newest checkpoint (``eval.*``), in these processes (collective)."""
+    import dataclasses
+    from pathlib import Path
+
+    from r1mega.eval.run import run_evaluation
+
+    checkpoints = cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
+    output_dir = cfg.eval.output_dir or str(Path(cfg.run_dir) / "eval")
+    run_evaluation(
+        dataclasses.replace(
+            cfg,
+            checkpoint=dataclasses.replace(cfg.checkpoint, load=checkpoints),
+            eval=dataclasses.replace(cfg.eval, output_dir=output_dir),
+        ),
+        ctx,
+    )
 
 
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")

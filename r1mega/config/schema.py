@@ -759,8 +759,8 @@ class RejectionConfig:
 
 @dataclass
 class EvalConfig:
-    """``r1mega-eval``: DeepSeek-R1's evaluation protocol on ``data.eval_path`` for the weights of
-    ``checkpoint.load`` (pass@1 averaged over k samples, cons@k, per-task accuracy, format rate, length).
+    """``r1mega-eval``: DeepSeek-R1's evaluation protocol on ``eval.prompts_path`` (else ``data.eval_path``) for
+    the weights of ``checkpoint.load`` (pass@1 averaged over k samples, cons@k, per-task accuracy, format rate, length).
     Responses start after the forced prefix ``grpo.prefix``. (The GRPO stage's periodic evaluation has its
     own ``grpo.eval_*`` settings.)"""
 
@@ -778,6 +778,12 @@ class EvalConfig:
     """Prompts per generation call on one data-parallel rank (each with ``samples`` rows): bounds the KV cache."""
     output_dir: str | None = None
     """Folder for ``eval.json``, ``eval.md`` and ``samples.jsonl``; None: ``<run_dir>/eval``."""
+    prompts_path: str | None = None
+    """Prompt JSONL to evaluate on; None: ``data.eval_path`` (a training stage's ``data.eval_path`` is its
+    held-out loss set, so ``after_training`` names the prompts here)."""
+    after_training: bool = False
+    """``r1mega-train``: evaluate the final checkpoint with this protocol in the same processes before exiting
+    (what the pipeline does after every training step: one process start less than ``r1mega-eval``)."""
 
     def __post_init__(self) -> None:
         for key in ("samples", "max_new_tokens", "batch_size"):

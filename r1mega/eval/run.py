@@ -96,11 +96,12 @@ def _write(cfg: R1Config, report: dict[str, Any], results: list[SampleResult]) -
 
 
 def run_evaluation(cfg: R1Config, ctx: ParallelContext) -> dict[str, Any]:
-    """Evaluate ``checkpoint.load`` on ``data.eval_path`` and write the report (collective); returns the
-    report (see ``build_report``, plus settings and provenance) on every rank."""
-    if not cfg.data.eval_path:
+    """Evaluate ``checkpoint.load`` on ``eval.prompts_path`` (else ``data.eval_path``) and write the report
+    (collective); returns the report (see ``build_report``, plus settings and provenance) on every rank."""
+    path = cfg.eval.prompts_path or cfg.data.eval_path
+    if not path:
         raise ConfigError("data.eval_path", None, "a prompt JSONL to evaluate on (r1mega.data.prompts formats)")
-    prompts = load_prompts(cfg.data.eval_path)
+    prompts = load_prompts(path)
     if cfg.eval.max_prompts:
         prompts = prompts[: cfg.eval.max_prompts]
     job = GenerationJob(cfg, ctx)
@@ -114,7 +115,7 @@ def run_evaluation(cfg: R1Config, ctx: ParallelContext) -> dict[str, Any]:
         report.update(
             checkpoint=str(job.checkpoint),
             model=cfg.model.name,
-            eval_path=cfg.data.eval_path,
+            eval_path=path,
             prefix=job.prefix,
             settings=dataclasses.asdict(cfg.eval),
             generated_tokens=sum(r.length for r in results),

@@ -33,7 +33,7 @@ class StepConfig:
     evaluate: bool = True
     """For kind=train: evaluate the final checkpoint on the held-out prompts (the report's table)."""
     eval_overrides: list[str] = field(default_factory=list)
-    """Overrides for this step's evaluation (e.g. the student's model preset), after the pipeline's."""
+    """``eval.*`` overrides for this step's evaluation, after the pipeline's."""
     label: str = ""
     """What the report calls this step (default: its name)."""
     check_prompts: str | None = None
@@ -55,14 +55,20 @@ class PipelineConfig:
     """Every step writes to ``<run_dir>/<step name>``; the report goes to ``<run_dir>/report``."""
     nproc: int = 1
     """Processes per step (torchrun); 1 runs each step as one plain process."""
+    eval_prompts: str | None = None
+    """Held-out prompt JSONL the final checkpoint of every training step is evaluated on (R1's protocol, in
+    the training step's own processes: ``eval.after_training``); also ``eval.prompts_path`` of eval steps."""
     eval_overrides: list[str] = field(default_factory=list)
-    """Overrides every evaluation gets (held-out prompts, samples per prompt, length limit)."""
+    """``eval.*`` overrides every evaluation gets (samples per prompt, prompts, length limit)."""
     steps: list[StepConfig] = field(default_factory=list)
     """The stages, in order."""
     report: bool = True
     """Write the Markdown report with PNG curves at the end."""
 
     def __post_init__(self) -> None:
+        for o in self.eval_overrides + [o for s in self.steps for o in s.eval_overrides]:
+            if not o.startswith("eval."):
+                raise ConfigError("pipeline.eval_overrides", o, "eval.* overrides only (the step's own model and data)")
         names = [s.name for s in self.steps]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

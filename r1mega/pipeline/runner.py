@@ -107,10 +107,17 @@ class PipelineRunner:
         if step.config_name:
             head += ["--config-name", step.config_name]
         if step.kind == "train":
-            return [*head, *args, f"run_dir={out}"], {"run_dir": str(out)}
+            if not step.evaluate:
+                return [*head, *args, f"run_dir={out}"], {"run_dir": str(out)}
+            evaluation = ["eval.after_training=true", f"eval.output_dir={out / 'eval'}", *self._eval_args(step)]
+            return [*head, *args, *evaluation, f"run_dir={out}"], {"run_dir": str(out), "eval": str(out / "eval")}
         if step.kind == "sample":
             return [*head, *args, f"rejection.output_dir={out}", f"run_dir={out}"], {"data": str(out / "train.jsonl")}
-        return [*head, *self.cfg.eval_overrides, *args, f"eval.output_dir={out}", f"run_dir={out}"], {"eval": str(out)}
+        return [*head, *self._eval_args(step), *args, f"eval.output_dir={out}", f"run_dir={out}"], {"eval": str(out)}
+
+    def _eval_args(self, step: StepConfig) -> list[str]:
+        prompts = [f"eval.prompts_path={self.cfg.eval_prompts}"] if self.cfg.eval_prompts else []
+        return [*prompts, *self.cfg.eval_overrides, *step.eval_overrides]
 
     # ---- running ---------------------------------------------------------------------------------------
 
@@ -153,8 +160,8 @@ class PipelineRunner:
             if ckpt is None:
                 raise PipelineError(f"step {step.name} finished without a checkpoint in {out / 'checkpoints'}")
             outputs["checkpoint"] = str(ckpt)
-            if step.evaluate:
-                outputs.update(self._evaluate(step, out, ckpt))
+            if step.evaluate and not (out / "eval" / "eval.json").is_file():
+                raise PipelineError(f"step {step.name} finished without its evaluation in {out / 'eval'}")
         if step.kind == "export" and step.check_prompts:
             generations = out / "generations.json"
             check = [*self._launcher(MODULES["hf_check"], 1), outputs["hf"], "--prompts", step.check_prompts]
@@ -164,16 +171,6 @@ class PipelineRunner:
         manifest["metrics"] = self._metrics(outputs)
         write_json(out / "manifest.json", manifest)
         return manifest
-
-    def _evaluate(self, step: StepConfig, out: Path, ckpt: Path) -> dict[str, str]:
-        eval_dir = out / "eval"
-        eval_dir.mkdir(exist_ok=True)
-        model = [a for a in step.overrides if a.startswith("model=")]
-        args = [*self.cfg.eval_overrides, *model, *step.eval_overrides, f"checkpoint.load={ckpt}"]
-        cmd = [*self._launcher(MODULES["eval"], self.cfg.nproc), *[self._resolve(a, step) for a in args]]
-        cmd += [f"eval.output_dir={eval_dir}", f"run_dir={eval_dir}"]
-        self._run(cmd, out / "step.log")
-        return {"eval": str(eval_dir)}
 
     @staticmethod
     def _metrics(outputs: dict[str, str]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from generation_utils import make_prompt_data
 
+from r1mega.config.errors import ConfigError
 from r1mega.pipeline.config import PipelineConfig, StepConfig
 from r1mega.pipeline.runner import PipelineError, PipelineRunner, read_manifest
 
@@ -74,3 +76,35 @@ def test_unknown_reference_names_the_step(workdir):
     )
     with pytest.raises(PipelineError, match=r"step 'a' refers to \{nothing.checkpoint\}"):
         PipelineRunner(cfg).run()
+
+
+def test_training_step_evaluates_its_final_checkpoint_in_the_same_process(workdir):
+    data = make_prompt_data(workdir / "data")
+    sft = [
+        "model=qwen2_tiny",
+        "stage=sft",
+        "data=cold_start",
+        f"data.train_path={data / 'train.jsonl'}",
+        f"data.eval_path={data / 'eval.jsonl'}",
+        f"data.tokenizer={data / 'tokenizer'}",
+        "data.seq_length=256",
+        "optim.train_steps=2",
+        "optim.micro_batch_size=1",
+        "optim.global_batch_size=1",
+        "optim.lr_warmup_steps=0",
+        *TRAIN[2:],
+    ]
+    cfg = PipelineConfig(
+        run_dir=str(workdir / "run"),
+        report=False,
+        eval_prompts=str(data / "eval_prompts.jsonl"),
+        eval_overrides=["eval.samples=2", "eval.max_prompts=3", "eval.max_new_tokens=8"],
+        steps=[StepConfig(name="sft", kind="train", overrides=sft)],
+    )
+    [manifest] = PipelineRunner(cfg).run()
+    report = json.loads((workdir / "run" / "sft" / "eval" / "eval.json").read_text())
+    assert report["checkpoint"].endswith("step_00000002") and report["k"] == 2
+    assert report["metrics"]["prompts"] == 3 and manifest["metrics"] == report["metrics"]
+    assert (workdir / "run" / "sft" / "step.log").read_text().count("\n$ ") == 1  # no second process
+    with pytest.raises(ConfigError, match="eval.\\* overrides only"):
+        PipelineConfig(eval_overrides=["model=qwen2_tiny"])
