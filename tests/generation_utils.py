@@ -1,4 +1,4 @@
-"""Inputs and launchers for the generation-job tests (rejection sampling, r1mega-eval): a tiny cold-start
+"""Inputs and launchers for the generation-job and short-SFT tests (rejection sampling, r1mega-eval, SFT): a tiny cold-start
 set, a randomly initialised checkpoint of a tiny model, and the job CLIs run as 1 or N processes."""
 
 from __future__ import annotations
@@ -47,3 +47,21 @@ def run_job(module: str, args: list[str], run_dir: Path, ranks: int = 1, timeout
     """Run ``python -m module args`` as ``ranks`` processes (torchrun's variables when more than one); return
     each rank's output headed ``[rc=N]``. Each process gets its own session, killed afterwards."""
     return run_trainer_ranks(args, run_dir, ranks, timeout=timeout, module=module)
+
+
+def sft_args(data: Path, run_dir: Path | None, micro_batch: int = 2, global_batch: int = 4) -> list[str]:
+    """Overrides of a short SFT run on a tiny cold-start set (``make_prompt_data``/``write_cold_start``);
+    ``run_dir`` None leaves the run folder to the caller (the pipeline runner sets it)."""
+    return [
+        "stage=sft",
+        "data=cold_start",
+        f"data.train_path={data / 'train.jsonl'}",
+        f"data.eval_path={data / 'eval.jsonl'}",
+        f"data.tokenizer={data / 'tokenizer'}",
+        "data.seq_length=256",
+        f"optim.micro_batch_size={micro_batch}",
+        f"optim.global_batch_size={global_batch}",
+        "optim.lr_warmup_steps=0",
+        "logging.progress_bar=false",
+        *([f"run_dir={run_dir}"] if run_dir is not None else []),
+    ]

@@ -108,7 +108,7 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, kind: str) -> None:
 def test_skip_mode_counts_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     lines = [GOOD, *(line for line, _ in MALFORMED.values()), GOOD]
     path = write_lines(tmp_path / "data.jsonl", lines)
-    logger = logging.getLogger("r1mega.data.sft")
+    logger = logging.getLogger("r1mega.data.jsonl")
     logger.addHandler(caplog.handler)
     try:
         examples, skipped = read_sft_jsonl(path, skip_malformed=True)

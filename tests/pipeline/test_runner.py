@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from generation_utils import make_prompt_data
+from generation_utils import make_prompt_data, sft_args
 
 from r1mega.config.errors import ConfigError
 from r1mega.pipeline.config import PipelineConfig, StepConfig
@@ -80,20 +80,7 @@ def test_unknown_reference_names_the_step(workdir):
 
 def test_training_step_evaluates_its_final_checkpoint_in_the_same_process(workdir):
     data = make_prompt_data(workdir / "data")
-    sft = [
-        "model=qwen2_tiny",
-        "stage=sft",
-        "data=cold_start",
-        f"data.train_path={data / 'train.jsonl'}",
-        f"data.eval_path={data / 'eval.jsonl'}",
-        f"data.tokenizer={data / 'tokenizer'}",
-        "data.seq_length=256",
-        "optim.train_steps=2",
-        "optim.micro_batch_size=1",
-        "optim.global_batch_size=1",
-        "optim.lr_warmup_steps=0",
-        *TRAIN[2:],
-    ]
+    sft = ["model=qwen2_tiny", *sft_args(data, None, 1, 1), "optim.train_steps=2", TRAIN[3]]
     cfg = PipelineConfig(
         run_dir=str(workdir / "run"),
         report=False,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from generation_utils import sft_args
 
 from r1mega.config.load import compose_config
 from r1mega.data.coldstart import write_cold_start
@@ -23,22 +24,6 @@ def cold_start(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cold_start")
     write_cold_start(str(out), num_train=120, num_eval=16, seed=3, tokenizer_out=str(out / "tokenizer"))
     return out
-
-
-def sft_args(data: Path, run_dir: Path) -> list[str]:
-    return [
-        "stage=sft",
-        "data=cold_start",
-        f"data.train_path={data / 'train.jsonl'}",
-        f"data.eval_path={data / 'eval.jsonl'}",
-        f"data.tokenizer={data / 'tokenizer'}",
-        "data.seq_length=256",
-        "optim.micro_batch_size=2",
-        "optim.global_batch_size=4",
-        "optim.lr_warmup_steps=0",
-        "logging.progress_bar=false",
-        f"run_dir={run_dir}",
-    ]
 
 
 @pytest.mark.parametrize("model", ["dsv3_tiny", "qwen2_tiny"])
