@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1mega.data.jsonl import read_records
-from r1mega.data.sft import SFTDataError
+from r1mega.data.sft import SFTDataError, parse_sft_record
 from r1mega.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -272,10 +272,18 @@ def make_pairs(
     return pairs
 
 
+def _cold_start_record(record: Any, default_id: str) -> dict[str, Any]:
+    """A cold-start SFT record as written by ``tools/make_cold_start.py`` (checked as SFT data), kept as a dict."""
+    parse_sft_record(record, default_id)
+    if not isinstance(record.get("meta"), dict) or "answer" not in record["meta"] or "id" not in record:
+        raise ValueError(
+            "not a cold-start record (needs 'id' and 'meta.answer'): write one with tools/make_cold_start.py"
+        )
+    return record
+
+
 def _read_records(path: Path, limit: int, seed: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise PreferenceDataError(f"No cold-start file at {str(path)!r}: write one with tools/make_cold_start.py.")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_records(path, _cold_start_record, PreferenceDataError, "cold-start", "record")[0]
     # A chosen response is R1's clean answer: records whose answer is not boxed (--unboxed-share) are left out.
     records = [r for r in records if not r.get("meta", {}).get("unboxed")]
     random.Random(f"r1mega-pref-sample:{seed}:{path.name}").shuffle(records)
