@@ -43,8 +43,13 @@ def forward_logits(
     ``gather`` collects the vocabulary shards of tensor-parallel ranks (else each rank keeps its shard).
     Needs the whole pipeline on this rank (first and last stage).
     """
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device, non_blocking=True)  # no copy when already there
     if position_ids is None:
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=device)[None].expand_as(input_ids)
+    position_ids = position_ids.to(device, non_blocking=True)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device, non_blocking=True)
     with mtp_disabled(model):
         logits = model(input_ids, position_ids, attention_mask)  # (b, s, V / tp)
     if gather and parallel_state.get_tensor_model_parallel_world_size() > 1:

@@ -122,6 +122,8 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
     else:
         torch.cuda.set_device(launch.local_rank)
         device = torch.device("cuda", launch.local_rank)
+        if cfg.deterministic:
+            _deterministic_cuda()
     backend = cfg.parallel.backend or ("nccl" if cuda else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(
@@ -160,6 +162,15 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
         backend,
     )
     return ParallelContext(launch=launch, data_parallel_size=dp, device=device)
+
+
+def _deterministic_cuda() -> None:
+    """Deterministic CUDA kernels, as megatron's ``--deterministic-mode``: cuBLAS with a fixed workspace (read
+    when its handle is made, so before the first matmul) and torch's deterministic algorithms (a kernel with no
+    deterministic version warns rather than stops the run)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NCCL_ALGO", "Ring")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def destroy() -> None:

@@ -38,6 +38,7 @@ from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from
 from r1mega.rl.kl import apply_kl_to_rewards
 from r1mega.rollout import Completion, RolloutEngine, SamplingParams
 from r1mega.train.step import Batch, Trainer, train_step
+from r1mega.utils.device import current_device, to_device
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -161,7 +162,7 @@ class GRPOStage:
             s.reward, s.values = b.total, b.values
 
     def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)])
+        t = torch.tensor([int(flag)], device=current_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
@@ -251,15 +252,21 @@ class GRPOStage:
 
     def _reference_logprobs(self, samples: Sequence[Sample]) -> None:
         mbs = self.cfg.optim.micro_batch_size
+        rows: list[torch.Tensor] = []  # per sample, on the device until one read at the end
         with torch.no_grad():
             for i in range(0, len(samples), mbs):
                 chunk = samples[i : i + mbs]
-                b = self._batch(chunk, with_ref=False)
+                b = to_device(self._batch(chunk, with_ref=False))
                 logits = forward_logits(self.ref[0], b["tokens"], b["position_ids"])
                 logp = token_logprobs(self._valid_vocab(logits.float()), b["labels"], temperature=self.g.temperature)
                 for s, row in zip(chunk, logp, strict=True):
                     start = len(s.prompt_ids) - 1
-                    s.ref_logprobs = row[start : start + len(s.completion.token_ids)].tolist()
+                    rows.append(row[start : start + len(s.completion.token_ids)])
+        flat = torch.cat(rows).tolist() if rows else []
+        offset = 0
+        for s in samples:
+            n = len(s.completion.token_ids)
+            s.ref_logprobs, offset = flat[offset : offset + n], offset + n
 
     def _valid_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with the padded vocabulary rows beyond the tokenizer masked, as the rollout engine samples."""
@@ -295,18 +302,20 @@ class GRPOStage:
         # gradients are those of the whole batch's loss.
         scale = self.num_microbatches * self.dp
         ntok = mask.sum()
-        share = torch.tensor(1.0 / scale)
+        share = torch.tensor(1.0 / scale, device=ntok.device)
         report = {k: torch.stack([metrics[k].float(), share]) for k in SHARE_KEYS if k in metrics}
         report.update({k: torch.stack([metrics[k].float() * ntok, ntok]) for k in TOKEN_KEYS if k in metrics})
-        return loss * scale, torch.tensor(1, dtype=torch.int), report
+        return loss * scale, torch.ones((), dtype=torch.int, device=ntok.device), report
 
     def _update(self, trainer: Trainer, samples: list[Sample]) -> dict[str, float]:
         """One optimizer update on ``samples`` (this rank's share of a mini-batch)."""
         counts = torch.tensor(
             [sum(len(s.completion.token_ids) for s in samples if s.trained), sum(s.trained for s in samples)],
             dtype=torch.float64,
+            device=current_device(),
         )
         torch.distributed.all_reduce(counts, group=self.dp_group)
+        counts = counts.tolist()
         self._normalizers = (max(float(counts[0]), 1.0), max(float(counts[1]), 1.0))
         mbs = self.cfg.optim.micro_batch_size
         with_ref = self.ref is not None and not self.g.loss.kl_in_reward
@@ -358,6 +367,7 @@ class GRPOStage:
                 sum(len(s.prompt_ids) for s in samples),
             ],
             dtype=torch.float64,
+            device=current_device(),
         )
         torch.distributed.all_reduce(sums, group=self.dp_group)
         n, r, r2, acc, fmt, tok, cut, zero, sampled, prompt_tok = sums.tolist()

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.config.schema import R1Config
+from r1mega.utils.device import current_device, device_batches
 
 Batch = dict[str, torch.Tensor]
 """tokens, labels, loss_mask (b, s) and position_ids (b, s)."""
@@ -162,6 +163,7 @@ def forward_backward(
     cfg = trainer.cfg
     fb = get_forward_backward_func()
     vpp = len(trainer.model)
+    batches = device_batches(batches)  # host-built micro-batches go to the device, one ahead
     iterator: Any = [batches] * vpp if vpp > 1 else batches
     reports = fb(
         forward_step_func=forward_step,
@@ -179,23 +181,18 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], keys: Sequence[str] =
     """Sum each (total, count) report over micro-batches and ranks: one token mean per key, on every rank.
 
     Only the last pipeline stage has reports and TP ranks hold copies, so TP rank 0 contributes; the
-    all-reduce runs over the whole world, so every rank learns the same numbers.
+    all-reduce runs over the whole world, so every rank learns the same numbers. The sums stay on the
+    device until the one host read at the end (no sync per micro-batch).
     """
-    sums = torch.zeros(len(keys), 2, dtype=torch.float64)
+    sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=current_device())
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         for report in reports:
             for i, key in enumerate(keys):
                 if key in report:
-                    sums[i] += report[key].double().cpu()
-    sums = sums.to(_device())
+                    sums[i] += report[key].detach().to(sums.device, torch.float64)
     dist.all_reduce(sums)
-    return {
-        key: (s[0] / s[1].clamp(min=1)).item() if s[1] > 0 else float("nan") for key, s in zip(keys, sums, strict=True)
-    }
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    host = sums.tolist()  # the step's one device-to-host read of its losses
+    return {key: s / max(n, 1) if n > 0 else float("nan") for key, (s, n) in zip(keys, host, strict=True)}
 
 
 def grads_finite(trainer: Trainer) -> bool:
@@ -203,12 +200,11 @@ def grads_finite(trainer: Trainer) -> bool:
 
     ``aminmax`` propagates NaN and +-inf, so checking the two extremes checks every element.
     """
-    bad = torch.zeros(1)
+    bad = torch.zeros(1, device=current_device())
     for model in trainer.model:
         for buffer in model.buffers + model.expert_parallel_buffers:
             if buffer.grad_data.numel():
-                bad += (~torch.isfinite(torch.stack(torch.aminmax(buffer.grad_data)))).any().cpu()
-    bad = bad.to(_device())
+                bad += (~torch.isfinite(torch.stack(torch.aminmax(buffer.grad_data)))).any()
     dist.all_reduce(bad)
     return bad.item() == 0
 

@@ -1,0 +1,59 @@
+"""Where a run's tensors live, and moving host-built batches there.
+
+Batches, prompts and reward bookkeeping are built on the host (Python lists, tokenizers); the model,
+its losses and every collective work on the run's device. On CUDA the device is this process's current
+GPU (``r1mega.parallel.bootstrap`` sets it from ``LOCAL_RANK``) and NCCL only accepts tensors there;
+without CUDA it is the CPU (gloo).
+
+Host-to-device copies go through pinned memory with ``non_blocking=True``, so the host does not wait
+for the copy and the copy is ordered before the kernels that read it on the same stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+
+def current_device() -> torch.device:
+    """This process's compute device: its current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(value: Any, device: torch.device | None = None) -> Any:
+    """``value`` with every tensor (also inside dicts, lists and tuples) on ``device`` (default: the current one).
+
+    CPU tensors bound for CUDA are pinned first and copied asynchronously; tensors already there are
+    returned as they are (no copy).
+    """
+    device = device or current_device()
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value
+        if device.type == "cuda" and value.device.type == "cpu":
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def device_batches(batches: Iterable[Any], device: torch.device | None = None) -> Iterator[Any]:
+    """Each batch of ``batches`` moved to ``device``, one batch ahead: the next copy is in flight while the
+    current micro-batch computes."""
+    device = device or current_device()
+    iterator = iter(batches)
+    try:
+        ahead = to_device(next(iterator), device)
+    except StopIteration:
+        return
+    for batch in iterator:
+        current, ahead = ahead, to_device(batch, device)
+        yield current
+    yield ahead
