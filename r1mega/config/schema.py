@@ -35,6 +35,7 @@ FAMILIES = ("deepseek_v3", "qwen2", "llama")
 DTYPES = ("fp32", "bf16")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_BACKENDS = ("auto", "te", "torch")
 
 
 @dataclass
@@ -296,9 +297,15 @@ class PrecisionConfig:
     dtype: str = "fp32"
     """Parameter/compute dtype: fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
     fp8: str | None = None
-    """FP8 format for linear layers (e4m3 or hybrid); needs Transformer Engine on a GPU."""
+    """FP8 format for linear layers: e4m3 (every tensor, DeepSeek-V3's choice with fine-grained scaling) or
+    hybrid (e5m2 gradients; Transformer Engine only)."""
     fp8_recipe: str = "delayed"
-    """FP8 scaling recipe: delayed, tensorwise, blockwise or mxfp8."""
+    """FP8 scaling recipe: delayed, tensorwise, blockwise or mxfp8 (TE); the torch backend implements blockwise
+    (DeepSeek-V3's 1x128 activation tiles and 128x128 weight blocks)."""
+    fp8_backend: str = "auto"
+    """Who runs FP8: te (Transformer Engine layers), torch (r1mega's blockwise FP8 linears in megatron-core's
+    local spec, through torch's scaled matmul on Hopper and an fp32 emulation elsewhere, CPU included) or auto
+    (te when Transformer Engine imports on a CUDA GPU, else torch)."""
     transformer_impl: str = "auto"
     """Layer implementation: auto (TE when importable on a GPU), transformer_engine or local."""
     grad_reduce_in_fp32: bool = True
@@ -309,6 +316,7 @@ class PrecisionConfig:
         _check_choice("precision.fp8", self.fp8, (None,) + FP8_FORMATS)
         _check_choice("precision.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
         _check_choice("precision.transformer_impl", self.transformer_impl, ("auto", "transformer_engine", "local"))
+        _check_choice("precision.fp8_backend", self.fp8_backend, FP8_BACKENDS)
         if self.fp8 is not None and self.dtype != "bf16":
             raise ConfigError("precision.dtype", self.dtype, "bf16 when precision.fp8 is set")
 
@@ -490,5 +498,8 @@ class R1Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1234
     """Seed of model initialisation."""
+    deterministic: bool = False
+    """Deterministic CUDA kernels (``torch.use_deterministic_algorithms``, a fixed cuBLAS workspace, megatron's
+    ``deterministic_mode``): slower, for bit-exact reruns and resumes on a GPU. The CPU is deterministic anyway."""
     run_dir: str = "runs/default"
     """Where logs, TensorBoard and checkpoints go."""

@@ -194,20 +194,63 @@ def _validate_pipeline(cfg: R1Config) -> None:
         )
 
 
+def fp8_backend(cfg: R1Config, accel: Accelerator) -> str | None:
+    """Who runs FP8 here: "te", "torch", or None without FP8 (``precision.fp8_backend=auto`` resolved)."""
+    pr = cfg.precision
+    if pr.fp8 is None:
+        return None
+    if pr.fp8_backend != "auto":
+        return pr.fp8_backend
+    return "te" if accel.cuda and accel.transformer_engine and pr.transformer_impl != "local" else "torch"
+
+
 def _validate_precision(cfg: R1Config, accel: Accelerator) -> None:
     pr = cfg.precision
     te_ok = accel.cuda and accel.transformer_engine
-    if pr.fp8 is not None and not te_ok:
+    backend = fp8_backend(cfg, accel)
+    if backend == "te" and not te_ok:
         raise ConfigError(
-            "precision.fp8",
-            pr.fp8,
-            "null on this machine: FP8 needs Transformer Engine on a CUDA GPU (use precision=bf16)",
+            "precision.fp8_backend",
+            pr.fp8_backend,
+            "torch or auto on this machine: the te backend needs Transformer Engine on a CUDA GPU",
         )
+    if backend == "te" and pr.transformer_impl == "local":
+        raise ConfigError(
+            "precision.transformer_impl",
+            pr.transformer_impl,
+            "auto or transformer_engine with precision.fp8_backend=te",
+        )
+    if backend == "torch":
+        _validate_torch_fp8(cfg)
     if pr.transformer_impl == "transformer_engine" and not te_ok:
         raise ConfigError(
             "precision.transformer_impl",
             pr.transformer_impl,
             "auto or local: Transformer Engine needs a CUDA GPU with TE installed",
+        )
+
+
+def _validate_torch_fp8(cfg: R1Config) -> None:
+    """The torch FP8 backend implements DeepSeek-V3's recipe only, in megatron-core's local layers."""
+    pr = cfg.precision
+    if pr.transformer_impl == "transformer_engine":
+        raise ConfigError(
+            "precision.transformer_impl",
+            pr.transformer_impl,
+            "local or auto with precision.fp8_backend=torch (its FP8 linears replace the local spec's)",
+        )
+    if pr.fp8_recipe != "blockwise":
+        raise ConfigError(
+            "precision.fp8_recipe",
+            pr.fp8_recipe,
+            "blockwise with precision.fp8_backend=torch (1x128 activation tiles, 128x128 weight blocks)",
+        )
+    if pr.fp8 != "e4m3":
+        raise ConfigError(
+            "precision.fp8",
+            pr.fp8,
+            "e4m3 with precision.fp8_backend=torch (DeepSeek-V3 uses e4m3 for every tensor; hybrid's e5m2 "
+            "gradients belong to Transformer Engine's recipes)",
         )
 
 

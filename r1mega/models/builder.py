@@ -18,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import detect_accelerator
+from r1mega.config.validate import detect_accelerator, fp8_backend
 from r1mega.models import spec
 from r1mega.models.registry import get_family
 
@@ -26,12 +26,19 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def use_transformer_engine(cfg: R1Config) -> bool:
-    """TE layers when asked for, or on ``auto`` when TE runs on a GPU here."""
+    """TE layers when asked for, or on ``auto`` when TE runs on a GPU here (and FP8, if on, is TE's)."""
     impl = cfg.precision.transformer_impl
     if impl == "local":
         return False
     accel = detect_accelerator()
-    return accel.cuda and accel.transformer_engine if impl == "auto" else True
+    if impl == "auto":
+        return accel.cuda and accel.transformer_engine and fp8_backend(cfg, accel) != "torch"
+    return True
+
+
+def use_torch_fp8(cfg: R1Config) -> bool:
+    """r1mega's blockwise FP8 linears in the local spec (``precision.fp8_backend`` torch, or auto without TE)."""
+    return fp8_backend(cfg, detect_accelerator()) == "torch"
 
 
 def _moe_kwargs(cfg: R1Config, use_te: bool) -> dict[str, Any]:
@@ -84,6 +91,7 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
     """megatron-core's config for this run (MLATransformerConfig for MLA models)."""
     m, p, pr = cfg.model, cfg.parallel, cfg.precision
     use_te = use_transformer_engine(cfg)
+    te_fp8 = pr.fp8 is not None and not use_torch_fp8(cfg)
     cuda = torch.cuda.is_available()
     dtype = _DTYPES[pr.dtype]
     kwargs: dict[str, Any] = dict(
@@ -119,6 +127,7 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
         # Without CUDA, weights are initialised on the CPU from the full (unsharded) master weight, so
         # every TP/EP layout starts from the same weights for the same seed.
         use_cpu_initialization=not cuda,
+        deterministic_mode=cfg.deterministic,
         # Fusions that need TE, apex or CUDA kernels: off unless TE runs on a GPU.
         gradient_accumulation_fusion=False,
         apply_rope_fusion=use_te,
@@ -127,8 +136,9 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
         bias_dropout_fusion=use_te,
         bias_activation_fusion=False,
         cross_entropy_loss_fusion=False,
-        fp8=pr.fp8,
-        fp8_recipe=pr.fp8_recipe if pr.fp8 else "delayed",
+        # TE's FP8 only: the torch backend's FP8 lives in the layer spec, and megatron would look for TE.
+        fp8=pr.fp8 if te_fp8 else None,
+        fp8_recipe=pr.fp8_recipe if te_fp8 else "delayed",
         **_moe_kwargs(cfg, use_te),
     )
     if m.multi_latent_attention:
@@ -149,11 +159,12 @@ def build_model(
     config = config or transformer_config(cfg)
     get_family(cfg.model.family)  # unknown family fails here with the valid names
     use_te = use_transformer_engine(cfg)
+    fp8 = use_torch_fp8(cfg)
     m = cfg.model
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks: list[GPTModel] = []
     for vp_stage in range(vpp) if vpp else [None]:
-        block = spec.decoder_block_spec(config, use_te, vp_stage=vp_stage)
+        block = spec.decoder_block_spec(config, use_te, vp_stage=vp_stage, fp8=fp8)
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         model = model_cls(
@@ -169,7 +180,7 @@ def build_model(
             rotary_base=int(m.rotary_base),
             rope_scaling=m.rope_scaling == "llama3",
             rope_scaling_factor=m.rope_scaling_factor,
-            mtp_block_spec=spec.mtp_block_spec(config, block, use_te, vp_stage=vp_stage) if last else None,
+            mtp_block_spec=spec.mtp_block_spec(config, block, use_te, vp_stage=vp_stage, fp8=fp8) if last else None,
             vp_stage=vp_stage,
         )
         chunks.append(model)

@@ -3,7 +3,10 @@
 Attention: MLA (``MLASelfAttention``) or standard/GQA (``SelfAttention``). MLP: MoE (routed + shared
 experts) or dense SwiGLU, per layer (the first ``moe_first_k_dense`` layers are dense). Backend:
 Transformer Engine layers (fused layernorm-linear, TE attention, grouped GEMM, FP8) when TE runs on a
-GPU, megatron-core's local layers otherwise. Model classes never branch on the parallel layout.
+GPU, megatron-core's local layers otherwise; with ``fp8=True`` (``precision.fp8_backend=torch``) the local
+column/row-parallel linears of attention, dense MLPs, shared and routed experts and MTP are r1mega's FP8
+ones (``r1mega.models.fp8``), while embedding, output layer, router, norms, core attention and MLA's
+down-projections stay bf16. Model classes never branch on the parallel layout.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from megatron.core.transformer import multi_latent_attention as _mla_module
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -38,6 +43,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from r1mega.models.attention import SDPACoreAttention
+from r1mega.models.fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -90,9 +96,34 @@ class R1LocalSpecProvider(LocalSpecProvider):
         return SDPACoreAttention
 
 
-def _local_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
-    """A transformer layer from megatron-core's local modules (no TE, no apex)."""
-    backend = R1LocalSpecProvider()
+class R1FP8LocalSpecProvider(R1LocalSpecProvider):
+    """The local modules with DeepSeek-V3's blockwise FP8 linears (torch scaled matmul), experts included.
+
+    MLA's down-projections (``DuplicatedLinear``; widths like 576 = 512 + 64 are not multiples of 128)
+    and the router, embedding and output layer (built by megatron outside these slots) stay bf16, as in
+    DeepSeek-V3. A linear whose weight dims are not multiples of 128 stays bf16 (decided when built).
+    """
+
+    def column_parallel_linear(self) -> type:
+        return FP8ColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return FP8RowParallelLinear
+
+    def grouped_mlp_modules(
+        self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool
+    ) -> tuple[type, MLPSubmodules | None]:
+        # LocalSpecProvider names megatron's ColumnParallelLinear/RowParallelLinear here, not its own slots.
+        return SequentialMLP, MLPSubmodules(linear_fc1=FP8ColumnParallelLinear, linear_fc2=FP8RowParallelLinear)
+
+
+def _local_backend(fp8: bool) -> R1LocalSpecProvider:
+    return R1FP8LocalSpecProvider() if fp8 else R1LocalSpecProvider()
+
+
+def _local_layer_spec(config: TransformerConfig, moe: bool, fp8: bool = False) -> ModuleSpec:
+    """A transformer layer from megatron-core's local modules (no TE, no apex); FP8 linears with ``fp8``."""
+    backend = _local_backend(fp8)
     norm = backend.layer_norm(rms_norm=True)
     mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts if moe else None)
     if config.multi_latent_attention:
@@ -156,11 +187,25 @@ def layer_pattern(config: TransformerConfig) -> list[int]:
     return list(freq)
 
 
+def _layer_spec_fn(use_te: bool, fp8: bool) -> Callable[..., ModuleSpec]:
+    if use_te:
+        return _te_layer_spec
+    return lambda config, moe: _local_layer_spec(config, moe, fp8=fp8)
+
+
 def decoder_block_spec(
-    config: TransformerConfig, use_te: bool, vp_stage: int | None = None, pp_rank: int | None = None
+    config: TransformerConfig,
+    use_te: bool,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    fp8: bool = False,
 ) -> TransformerBlockSubmodules:
-    """The decoder layers this pipeline stage (and virtual stage) builds, with the final norm."""
-    make = _te_layer_spec if use_te else _local_layer_spec
+    """The decoder layers this pipeline stage (and virtual stage) builds, with the final norm.
+
+    ``fp8``: r1mega's blockwise FP8 linears in the local spec (``precision.fp8_backend=torch``); TE's FP8
+    is switched on through ``TransformerConfig.fp8`` instead.
+    """
+    make = _layer_spec_fn(use_te, fp8)
     dense, moe = make(config, moe=False), make(config, moe=True)
     specs = [moe if is_moe else dense for is_moe in layer_pattern(config)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -175,7 +220,11 @@ def decoder_block_spec(
 
 
 def mtp_block_spec(
-    config: TransformerConfig, block: TransformerBlockSubmodules, use_te: bool, vp_stage: int | None = None
+    config: TransformerConfig,
+    block: TransformerBlockSubmodules,
+    use_te: bool,
+    vp_stage: int | None = None,
+    fp8: bool = False,
 ) -> ModuleSpec | None:
     """Multi-token-prediction layers (built on the last pipeline stage only), or None."""
     if not config.mtp_num_layers:
@@ -185,7 +234,7 @@ def mtp_block_spec(
 
         backend = TESpecProvider()
     else:
-        backend = R1LocalSpecProvider()
-    make = _te_layer_spec if use_te else _local_layer_spec
+        backend = _local_backend(fp8)
+    make = _layer_spec_fn(use_te, fp8)
     last_layer = make(config, moe=layer_pattern(config)[-1] == 1)
     return get_gpt_mtp_block_spec_for_backend(config=config, spec=last_layer, backend=backend, vp_stage=vp_stage)

@@ -102,8 +102,8 @@ def _has_cuda_and_te() -> bool:
 
 
 @pytest.mark.skipif(_has_cuda_and_te(), reason="FP8 is valid on a machine with CUDA and Transformer Engine")
-def test_fp8_without_transformer_engine_exits_2() -> None:
-    result = run_check("precision=fp8")
+def test_te_fp8_without_transformer_engine_exits_2() -> None:
+    result = run_check("precision=fp8", "precision.fp8_backend=te")
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("r1mega: config error: precision.fp8=")
+    assert line.startswith("r1mega: config error: precision.fp8_backend=")
