@@ -12,6 +12,13 @@ reads their weights, so there is one set of weights and no conversion step betwe
   so expert parallelism works as in training; under tensor parallelism with sequence parallelism each
   TP rank routes its share of the tokens and the outputs are all-gathered, exactly as in training.
 
+Two ways to run a step. The *sliced* step (prefill, and decoding without CUDA graphs) writes the new
+tokens at python-int slots ``[start, start + s)`` and attends to the cache up to there. The *static* step
+(one token per row, what a CUDA graph captures) writes at a slot held in a device tensor
+(``index_copy_``) and attends to a fixed number of leading cache slots, with the slots a row may not see
+masked by the bias: every shape and address is fixed, so one captured graph serves every step of a
+length bucket. Masked slots get probability exactly 0, so both steps compute the same attention.
+
 Tensor parallelism: column-parallel weights give this rank's heads; row-parallel outputs and the vocab-
 parallel embedding are all-reduced; logits are gathered over the vocabulary. Pipeline parallelism is not
 supported here (the engine refuses it with a message).
@@ -45,7 +52,18 @@ class StepInputs:
     positions: Tensor
     """(b, s) RoPE positions of the new tokens."""
     bias: Tensor
-    """(b, s, start + s) additive attention bias: 0 where a query may attend, -inf elsewhere."""
+    """(b, s, keys) additive attention bias over the first ``keys`` cache slots: 0 where a query may attend,
+    -inf elsewhere. The sliced step has ``keys = start + s``; the static step any ``keys > slot``."""
+    slots: Tensor | None = None
+    """(s,) int64 cache slots of the new tokens on the model's device (the static step; ``start`` is then
+    unused), or None to write at ``[start, start + s)``."""
+
+    def write(self, cache: Tensor, dim: int, new: Tensor) -> None:
+        """Store ``new`` (the new tokens along ``dim``) in ``cache`` at this step's slots."""
+        if self.slots is not None:
+            cache.index_copy_(dim, self.slots, new)
+        else:
+            cache.narrow(dim, self.start, new.shape[dim]).copy_(new)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -157,8 +175,8 @@ class CachedDecoder:
             kv_c = _rms_norm(kv_c, ln, self.eps)
         q_pe = self._rope(q_pe, step.positions)
         k_pe = self._rope(k_pe.unsqueeze(2), step.positions).squeeze(2)  # (s, b, dr)
-        end = step.start + s
-        latent[:, step.start : end] = torch.cat([kv_c, k_pe], dim=-1).transpose(0, 1)  # (b, s, r + dr)
+        end = step.bias.shape[-1]  # attended cache slots S
+        step.write(latent, 1, torch.cat([kv_c, k_pe], dim=-1).transpose(0, 1))  # (b, s, r + dr)
         keys = latent[:, :end]  # (b, S, r + dr)
         w_kv = attn.linear_kv_up_proj.weight.view(n, dn + dv, r)
         w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # (n, dn, r), (n, dv, r)
@@ -184,9 +202,9 @@ class CachedDecoder:
         if attn.k_layernorm is not None:
             k = attn.k_layernorm(k)
         q, k = self._rope(q, step.positions), self._rope(k, step.positions)
-        end = step.start + s
-        k_cache[:, :, step.start : end] = k.permute(1, 2, 0, 3)  # (b, ng, s, d)
-        v_cache[:, :, step.start : end] = v.permute(1, 2, 0, 3)
+        end = step.bias.shape[-1]  # attended cache slots S
+        step.write(k_cache, 2, k.permute(1, 2, 0, 3))  # (b, ng, s, d)
+        step.write(v_cache, 2, v.permute(1, 2, 0, 3))
         q = q.view(s, b, ng, npg, d).permute(1, 2, 3, 0, 4).reshape(b, ng, npg * s, d)
         scale = attn.core_attention.softmax_scale if hasattr(attn.core_attention, "softmax_scale") else d**-0.5
         scores = torch.matmul(q, k_cache[:, :, :end].transpose(-1, -2)).view(b, ng, npg, s, end)

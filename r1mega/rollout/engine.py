@@ -6,6 +6,13 @@ each step (RoPE positions stay per row). Rows that finish (end-of-sequence, a st
 length limit) stop costing compute: once a quarter of the rows are done the batch and its cache are
 compacted to the live rows.
 
+Devices: the cache, ids, masks and the sampler's generator live on the model's device; prompts are
+built on the host and copied once, and each decode step moves its sampled tokens and log-probabilities
+to the host in one transfer, where the stop checks and the per-row bookkeeping (which rows are live,
+which prompt a cache row belongs to) run as plain Python. On CUDA, dense models replay the decode step
+as a CUDA graph (``graphs``; ``cuda_graphs`` chooses, auto by default), with batch buckets instead of
+exact compaction; everything else runs the step eagerly.
+
 Parallelism: every tensor-parallel rank runs the same prompts and gets the same tokens (sampled from the
 gathered logits, then broadcast from the group's first rank). Under expert parallelism each rank brings its
 own prompts (it is a data-parallel rank), and ranks keep stepping, on a dummy row once their own work is
@@ -23,13 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from r1mega.checkpoint.weights import unwrap
 from r1mega.rollout.decode import CachedDecoder, StepInputs
+from r1mega.rollout.graphs import GraphedDecoder, batch_bucket, graph_refusal, length_capacity
 from r1mega.rollout.kv_cache import KVCache
 from r1mega.rollout.sampling import SamplingParams, sample_tokens
+from r1mega.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -80,8 +92,37 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@dataclass
+class _Batch:
+    """The decode loop's state: tensors fed to the model on its device, bookkeeping on the host."""
+
+    cache: KVCache
+    key_bias: torch.Tensor
+    """(size, max_len) additive bias per cache row and slot: 0 visible, -inf masked."""
+    lens: torch.Tensor
+    """(size,) prompt length per cache row (0 for padding rows)."""
+    tokens: torch.Tensor
+    """(size,) last sampled token per cache row."""
+    rows: list[int]
+    """Prompt index of each real cache row (the first ``len(rows)`` rows; the rest are graph padding)."""
+    live: list[bool]
+    """Per real row: still generating."""
+    graphed: GraphedDecoder | None = None
+    """The persistent graph cache these tensors view, or None for a per-call eager cache."""
+
+    @property
+    def size(self) -> int:
+        """Cache rows the model runs (real rows plus graph padding)."""
+        return self.key_bias.shape[0]
+
+
 class RolloutEngine:
-    """Samples completions from the model chunks a trainer holds (weights shared, never copied)."""
+    """Samples completions from the model chunks a trainer holds (weights shared, never copied).
+
+    ``cuda_graphs``: replay the decode step as CUDA graphs (True), never (False), or when the model allows
+    it (None: a dense model on CUDA without tensor parallelism; see ``graphs.graph_refusal``). Graphs keep
+    a KV cache on the device between calls; ``release`` frees it.
+    """
 
     def __init__(
         self,
@@ -91,10 +132,12 @@ class RolloutEngine:
         vocab_size: int | None = None,
         seed: int = 0,
         pad_token_id: int = 0,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if len(chunks) != 1:
             raise ValueError("the rollout engine needs one model chunk per rank (no virtual pipeline stages)")
         self.model: GPTModel = unwrap(chunks[0])
+        self.device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
         eos = list(eos_token_ids)
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -102,11 +145,32 @@ class RolloutEngine:
         self.eos_token_ids = tuple(eos)
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = GenerationStats()
         self._decoder: CachedDecoder | None = None
+        self._graphed: GraphedDecoder | None = None
+        self._tp = parallel_state.get_tensor_model_parallel_world_size()
+        self._tp_group = parallel_state.get_tensor_model_parallel_group() if self._tp > 1 else None
         ep = parallel_state.get_expert_model_parallel_world_size()
         self._sync_group = parallel_state.get_expert_model_parallel_group() if ep > 1 else None
+        self.cuda_graphs = self._choose_graphs(cuda_graphs)
+
+    def _choose_graphs(self, wanted: bool | None) -> bool:
+        if wanted is False:
+            return False
+        refusal = graph_refusal(list(self.model.decoder.layers), self.device, self._tp)
+        if refusal is not None and wanted:
+            raise ValueError(f"cuda_graphs=True cannot be honoured: {refusal}; pass cuda_graphs=None or False")
+        if refusal is not None:
+            if self.device.type == "cuda":
+                log.info("rollout: eager decode steps (no CUDA graphs: %s)", refusal)
+            return False
+        log.info("rollout: decode steps replayed as CUDA graphs (dense model on %s)", self.device)
+        return True
+
+    def release(self) -> None:
+        """Free the persistent KV cache and captured graphs of the CUDA-graph path (rebuilt on the next call)."""
+        self._graphed = None
 
     # ---- state (for checkpointing the sampler) -----------------------------------------------------
 
@@ -147,27 +211,69 @@ class RolloutEngine:
             self._decoder = CachedDecoder(self.model, max(max_len, 256))
         return self._decoder
 
-    def _logits(self, decoder: CachedDecoder, ids: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
-        logits = decoder.step(ids, step, cache)
+    def _graphed_for(self, batch: int, max_len: int) -> GraphedDecoder:
+        """The persistent graph cache, grown (and its graphs dropped) when ``batch`` rows of ``max_len`` slots
+        do not fit."""
+        old = self._graphed
+        if old is None or not old.fits(batch, max_len):
+            self._graphed = None  # free the old cache and graphs before allocating the new ones
+            rows, length = max(batch, old.batch if old else 0), max(length_capacity(max_len), old.length if old else 0)
+            decoder = self._decoder_for(length)
+            dtype = next(self.model.parameters()).dtype
+            cache = KVCache(self.model.config, len(decoder.layers), rows, length, dtype, self.device, tp=decoder.tp)
+            self._graphed = GraphedDecoder(decoder, cache)
+        return self._graphed
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host-built tensor on the model's device (pinned, asynchronous copy on CUDA)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _to_host(self, tokens: torch.Tensor, logps: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Sampled tokens and log-probabilities as Python lists: one device-to-host transfer for both."""
+        both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)]).cpu()  # (2, b); ids < 2**53
+        return [int(x) for x in both[0].tolist()], both[1].tolist()
+
+    def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
             logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries are never sampled
         return logits
 
+    def _logits(self, decoder: CachedDecoder, ids: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        return self._mask_vocab(decoder.step(ids, step, cache))
+
     def _sample(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, logps = sample_tokens(logits, params, self.generator)
-        if self._decoder is not None and self._decoder.tp > 1:
-            group = self._decoder.tp_group
-            src = torch.distributed.get_global_rank(group, 0)
-            torch.distributed.broadcast(tokens, src=src, group=group)
-            torch.distributed.broadcast(logps, src=src, group=group)
+        if self._tp_group is not None:
+            src = torch.distributed.get_global_rank(self._tp_group, 0)
+            torch.distributed.broadcast(tokens, src=src, group=self._tp_group)
+            torch.distributed.broadcast(logps, src=src, group=self._tp_group)
         return tokens, logps
 
     def _any_rank_active(self, active: bool) -> bool:
         if self._sync_group is None:
             return active
-        flag = torch.tensor([int(active)])
+        flag = torch.tensor([int(active)], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._sync_group)
         return bool(flag.item())
+
+    def _graph_step(self, batch: _Batch, slot: int, positions: torch.Tensor) -> torch.Tensor | None:
+        """Logits from the captured step, or None (graphs now off, with the reason logged) when capture fails."""
+        try:
+            return self._mask_vocab(batch.graphed.step(batch.size, slot, batch.tokens, positions))
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
+            log.warning(
+                "rollout: CUDA graph capture failed for batch %d (%s: %s); decoding eagerly from now on",
+                batch.size, type(exc).__name__, exc,
+            )  # fmt: skip
+            self.cuda_graphs = False
+            batch.graphed.graphs.clear()
+            try:
+                self._sync()  # surface a failed capture's asynchronous error here, not in the next kernel
+            except RuntimeError as sticky:
+                log.warning("rollout: the device reported %s after the failed capture", sticky)
+            return None
 
     def _stopped(self, row_tokens: list[int], params: SamplingParams) -> str | None:
         last = row_tokens[-1]
@@ -193,41 +299,107 @@ class RolloutEngine:
         cuts = [text.find(s) for s in params.stop if s in text]
         return text[: min(cuts)] if cuts else text
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        t0 = time.perf_counter()
-        n, lens = len(prompts), torch.tensor([len(p) for p in prompts])
-        width = int(lens.max())
-        max_len = width + params.max_new_tokens
-        decoder = self._decoder_for(max_len)
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.model.config, len(decoder.layers), n, max_len, dtype, tp=decoder.tp)
-        self.stats = GenerationStats(
-            n, int(lens.sum()), cache_bytes=cache.nbytes, cache_bytes_per_token=cache.bytes_per_token()
-        )
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-        pad = width - lens  # (n,) left padding
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+    def _prefill(self, prompts: list[list[int]], max_len: int) -> tuple[_Batch, CachedDecoder, torch.Tensor]:
+        """Left-pad the prompts into one batch, fill the cache; the batch state, the decoder and the logits
+        (n, V) of each prompt's last token."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        graphed = self._graphed_for(batch_bucket(n), max_len) if self.cuda_graphs else None
+        if graphed is not None:
+            size, decoder = batch_bucket(n), graphed.decoder
+            cache, key_bias = graphed.cache.narrow(size), graphed.key_bias[:size]
+        else:
+            size, decoder = n, self._decoder_for(max_len)
+            dtype = next(self.model.parameters()).dtype
+            cache = KVCache(self.model.config, len(decoder.layers), n, max_len, dtype, self.device, tp=decoder.tp)
+            key_bias = torch.empty(n, max_len, device=self.device)
+        allocated = graphed.cache if graphed is not None else cache
+        self.stats = GenerationStats(
+            n, sum(len(p) for p in prompts), cache_bytes=allocated.nbytes,
+            cache_bytes_per_token=allocated.bytes_per_token(), extra={"cuda_graphs": graphed is not None},
+        )  # fmt: skip
+
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)  # built on the host, copied once
+        lens = torch.zeros(size, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
-        slots = torch.arange(width)
+            lens[i] = len(p)
+        ids, lens = self._to_device(ids), self._to_device(lens)
+        slots = torch.arange(width, device=self.device)
+        pad = width - lens[:n]  # (n,) left padding
         positions = (slots[None] - pad[:, None]).clamp(min=0)  # (n, width)
-        key_valid = torch.zeros(n, max_len, dtype=torch.bool)
-        key_valid[:, :width] = slots[None] >= pad[:, None]
+        valid = slots[None] >= pad[:, None]  # (n, width) prompt tokens, not padding
+        key_bias.fill_(0.0)  # padding rows of a graph batch see every slot: finite values, never read
+        key_bias[:n].fill_(float("-inf"))
+        key_bias[:n, :width].masked_fill_(valid, 0.0)
         causal = slots[None, :] <= slots[:, None]  # (width, width)
-        allowed = (causal[None] & key_valid[:, None, :width]) | torch.eye(width, dtype=torch.bool)[None]
-        bias = torch.zeros(n, width, width).masked_fill(~allowed, float("-inf"))
-        logits = self._logits(decoder, ids, StepInputs(0, positions, bias), cache)
+        eye = torch.eye(width, dtype=torch.bool, device=self.device)
+        allowed = (causal[None] & valid[:, None, :]) | eye[None]  # (n, width, width)
+        bias = torch.zeros(n, width, width, device=self.device).masked_fill(~allowed, float("-inf"))
+        logits = self._logits(decoder, ids, StepInputs(0, positions, bias), cache.narrow(n))
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        return _Batch(cache, key_bias, lens, empty, list(range(n)), [True] * n, graphed), decoder, logits
+
+    def _compact(self, batch: _Batch) -> None:
+        """Drop finished rows: eagerly once a quarter of the rows are done (keeping one dummy row if none is
+        live); under graphs when the live rows fit a smaller batch bucket (moved to the front in place)."""
+        live = sum(batch.live)
+        if batch.graphed is None:
+            if live > 0.75 * len(batch.rows):
+                return
+            keep = [r for r, x in enumerate(batch.live) if x] or [0]
+            idx = torch.tensor(keep, device=self.device)
+            batch.cache.compact(idx)
+            batch.key_bias, batch.lens, batch.tokens = batch.key_bias[idx], batch.lens[idx], batch.tokens[idx]
+        else:
+            size = batch_bucket(live)
+            if live == 0 or size >= batch.size:
+                return
+            keep = [r for r, x in enumerate(batch.live) if x]
+            idx = torch.tensor(keep, device=self.device)
+            g = batch.graphed
+            g.cache.compact_(idx)
+            g.key_bias[:live] = g.key_bias.index_select(0, idx)
+            g.key_bias[live:size] = 0.0
+            batch.cache, batch.key_bias = g.cache.narrow(size), g.key_bias[:size]
+            batch.lens = F.pad(batch.lens.index_select(0, idx), (0, size - live))
+            batch.tokens = F.pad(batch.tokens.index_select(0, idx), (0, size - live), value=self.pad_token_id)
+        batch.rows = [batch.rows[r] for r in keep]
+        batch.live = [batch.live[r] for r in keep]
+
+    def _step(self, batch: _Batch, decoder: CachedDecoder, t: int, width: int, max_len: int) -> torch.Tensor:
+        """Logits (size, V) of decode step ``t``: the captured graph when on, else the eager sliced step."""
+        # A rank with no live rows only serves other ranks' MoE exchanges; its dummy row reuses the last slot.
+        slot = min(width + t, max_len - 1)
+        batch.key_bias[:, slot] = 0.0
+        positions = (batch.lens + t).clamp(max=max_len - 1)  # (size,) position of the new token
+        if batch.graphed is not None and self.cuda_graphs:
+            logits = self._graph_step(batch, slot, positions)
+            if logits is not None:
+                return logits
+        step = StepInputs(slot, positions[:, None], batch.key_bias[:, None, : slot + 1])
+        return self._logits(decoder, batch.tokens[:, None], step, batch.cache)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        t0 = time.perf_counter()
+        width = max(len(p) for p in prompts)
+        max_len = width + params.max_new_tokens
+        batch, decoder, logits = self._prefill(prompts, max_len)
+        self._sync()
         self.stats.prefill_s = time.perf_counter() - t0
 
-        rows = torch.arange(n)  # original index of each cache row
+        n = len(prompts)
         out_tokens: list[list[int]] = [[] for _ in range(n)]
         out_logps: list[list[float]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
-        live = torch.ones(n, dtype=torch.bool)  # per cache row: still generating
         for t in itertools.count():
-            tokens, logps = self._sample(logits, params)
-            for r, (orig, tok, lp) in enumerate(zip(rows.tolist(), tokens.tolist(), logps.tolist(), strict=True)):
-                if not live[r]:
+            tokens, logps = self._sample(logits[: len(batch.rows)], params)  # (real rows,) on the device
+            host_tokens, host_logps = self._to_host(tokens, logps)
+            for r, (orig, tok, lp) in enumerate(zip(batch.rows, host_tokens, host_logps, strict=True)):
+                if not batch.live[r]:
                     continue
                 out_tokens[orig].append(tok)
                 out_logps[orig].append(lp)
@@ -236,27 +408,22 @@ class RolloutEngine:
                     reason = "length"
                 if reason is not None:
                     reasons[orig] = reason
-                    live[r] = False
+                    batch.live[r] = False
             self.stats.steps = t + 1
-            if not self._any_rank_active(bool(live.any())):
+            if not self._any_rank_active(any(batch.live)):
                 break
-            if int(live.sum()) <= 0.75 * len(rows):  # drop finished rows (keep one as a dummy if none live)
-                keep = live.nonzero().squeeze(1) if live.any() else torch.zeros(1, dtype=torch.long)
-                cache.compact(keep)
-                rows, live, tokens = rows[keep], live[keep], tokens[keep]
-                key_valid, lens = key_valid[keep], lens[keep]
-            # A rank with no live rows only serves other ranks' MoE exchanges; its dummy row reuses the last slot.
-            slot = min(width + t, max_len - 1)
-            key_valid[:, slot] = True
-            step = StepInputs(
-                slot,
-                (lens + t).clamp(max=max_len - 1)[:, None],  # (b, 1) position of the new token
-                torch.zeros(len(rows), 1, slot + 1).masked_fill(~key_valid[:, None, : slot + 1], float("-inf")),
-            )
-            logits = self._logits(decoder, tokens[:, None], step, cache)
+            if tokens.shape[0] < batch.size:  # rows of a graph bucket beyond the real ones
+                tokens = F.pad(tokens, (0, batch.size - tokens.shape[0]), value=self.pad_token_id)
+            batch.tokens = tokens
+            self._compact(batch)
+            logits = self._step(batch, decoder, t, width, max_len)
 
         self.stats.decode_s = time.perf_counter() - t0 - self.stats.prefill_s
         self.stats.generated_tokens = sum(len(t) for t in out_tokens)
+        if batch.graphed is not None:
+            self.stats.extra["graphs_captured"] = len(batch.graphed.graphs)
+        if not self.cuda_graphs:
+            self._graphed = None  # capture failed: free the graph cache
         return [
             Completion(p, toks, lps, self._text(toks, reason or "length", params), reason or "length")
             for p, toks, lps, reason in zip(prompts, out_tokens, out_logps, reasons, strict=True)

@@ -6,7 +6,8 @@ For Multi-Head Latent Attention the cache holds, per token and layer, only the n
 attention caches ``2 * num_query_groups * head_dim`` values per token and layer.
 
 Layout: ``(batch, max_len, ...)`` per layer, batch-major so that finished rows can be dropped with
-one ``index_select`` (``compact``).
+one ``index_select`` (``compact``), or moved to the front in place (``compact_``) when CUDA graphs hold
+the cache's addresses and a graph for fewer rows reads the leading rows (``narrow``).
 """
 
 from __future__ import annotations
@@ -82,8 +83,28 @@ class KVCache:
         batch = self.tensors()[0].shape[0]
         return self.nbytes / (batch * self.max_len)
 
+    @property
+    def batch(self) -> int:
+        """Rows of the cache."""
+        return self.tensors()[0].shape[0]
+
     def compact(self, keep: Tensor) -> None:
-        """Keep only batch rows ``keep`` (int64 indices), dropping finished sequences."""
+        """Keep only batch rows ``keep`` (int64 indices), dropping finished sequences (new, smaller tensors)."""
         self.latent = [t.index_select(0, keep) for t in self.latent]
         self.keys = [t.index_select(0, keep) for t in self.keys]
         self.values = [t.index_select(0, keep) for t in self.values]
+
+    def compact_(self, keep: Tensor) -> None:
+        """Move rows ``keep`` (int64 indices) to the front, in place: the tensors keep their storage (captured
+        CUDA graphs read it); rows from ``len(keep)`` on hold stale values."""
+        for t in self.tensors():
+            t[: keep.numel()] = t.index_select(0, keep)
+
+    def narrow(self, batch: int) -> KVCache:
+        """A cache over the first ``batch`` rows, sharing this one's storage."""
+        view = object.__new__(KVCache)
+        view.layout, view.num_layers, view.max_len = self.layout, self.num_layers, self.max_len
+        view.latent = [t[:batch] for t in self.latent]
+        view.keys = [t[:batch] for t in self.keys]
+        view.values = [t[:batch] for t in self.values]
+        return view
