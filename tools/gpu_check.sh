@@ -21,15 +21,15 @@ OUT=${OUT:-$(mktemp -d)}
 LOGS="$OUT/gpu_check"
 mkdir -p "$LOGS"
 PARTS=${PARTS:-"env tests train rollout"}
-T_TESTS=${T_TESTS:-200}
+T_TESTS=${T_TESTS:-240}
 T_TRAIN=${T_TRAIN:-170}
-T_ROLLOUT=${T_ROLLOUT:-100}
+T_ROLLOUT=${T_ROLLOUT:-150}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
 elapsed() { echo $(($(date +%s) - START)); }
 
 TRAIN_ARGS=${TRAIN_ARGS:-}
-ROLLOUT_ARGS=${ROLLOUT_ARGS:---device cuda}
+ROLLOUT_ARGS=${ROLLOUT_ARGS:---preset h200}
 # GPU_CHECK_DRY_RUN=1 runs the plumbing on a CPU (tests skip; give CPU-sized TRAIN_ARGS / ROLLOUT_ARGS).
 if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: no CUDA device visible to $PY; nothing to check" >&2
@@ -70,6 +70,9 @@ for name in ("megatron.core", "transformers", "hydra", "transformer_engine"):
         print(f"{name} {getattr(module, '__version__', '?')}")
     except Exception as e:  # TE raises RuntimeError, not ImportError, without its CUDA libraries
         print(f"{name} unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+import logging
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # fp8_gemm_path logs why a path was not taken
 try:
     from r1mega.models.fp8 import fp8_gemm_path
     print(f"fp8 gemm path: {fp8_gemm_path()}")
@@ -81,10 +84,13 @@ fi
 
 # ---- 3. the GPU tests ---------------------------------------------------------------------------------------
 if part tests; then
-  timeout -k 10 "$T_TESTS" "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider --durations=12 \
+  # The tests mostly wait on process start-up and tiny kernels: run them side by side when pytest-xdist is there.
+  XDIST=()
+  "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${GPU_TEST_WORKERS:-6}")
+  timeout -k 10 "$T_TESTS" "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider --durations=12 "${XDIST[@]}" \
     --junitxml="$LOGS/pytest.xml" >"$LOGS/pytest.log" 2>&1
   rc=$?
-  RESULT[tests]="$(grep -E '(passed|failed|error)' "$LOGS/pytest.log" | tail -1) (rc=$rc, $(elapsed) s)"
+  RESULT[tests]="$(grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/pytest.log" | tail -1) (rc=$rc, $(elapsed) s)"
   [ $rc -ne 0 ] && status=1
   echo "gpu_check: tests: ${RESULT[tests]}"
   grep -E '^(FAILED|ERROR)' "$LOGS/pytest.log" | head -20

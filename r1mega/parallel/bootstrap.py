@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import validate
+from r1mega.config.validate import detect_accelerator, validate
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -124,6 +124,12 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
         device = torch.device("cuda", launch.local_rank)
         if cfg.deterministic:
             _deterministic_cuda()
+        if not detect_accelerator().transformer_engine:
+            from r1mega.parallel import cpu_compat
+
+            # megatron-core 0.16.1 without TE on a GPU: the MoE router names te_general_gemm unguarded, and MLA
+            # believes TE is present (its stand-in module imports); the same fixes the CPU path needs.
+            cpu_compat.apply(force=True, only=list(cpu_compat.WITHOUT_TE))
     backend = cfg.parallel.backend or ("nccl" if cuda else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(

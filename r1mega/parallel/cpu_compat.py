@@ -322,6 +322,9 @@ ACCOMMODATIONS: dict[str, Callable[[], None]] = {
 }
 """Name -> installer. tests/parallel/test_cpu_compat.py holds a probe per name."""
 
+WITHOUT_TE = ("missing_te_gemm", "te_stand_ins")
+"""The accommodations a CUDA run without Transformer Engine needs too (``r1mega.parallel.bootstrap``)."""
+
 _APPLIED: list[str] = []
 
 
