@@ -183,5 +183,9 @@ def build_model(
             mtp_block_spec=spec.mtp_block_spec(config, block, use_te, vp_stage=vp_stage, fp8=fp8) if last else None,
             vp_stage=vp_stage,
         )
+        if torch.cuda.is_available():
+            # As megatron's get_model: megatron's layers are made on the GPU, but plain torch modules in the spec
+            # (r1mega's RMSNorm) are made on the CPU.
+            model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks

@@ -46,7 +46,7 @@ def test_linear_forward_and_grads_match_emulation(m: int) -> None:
     dy = torch.randn(m, 1536, device="cuda", generator=gen).to(torch.bfloat16)
     results = []
     for device in ("cuda", "cpu"):  # the CPU runs the emulation of the same recipe
-        xr, wr = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        xr, wr = x.detach().to(device).clone().requires_grad_(), w.detach().to(device).clone().requires_grad_()
         y = fp8.fp8_blockwise_linear(xr, wr)
         y.backward(dy.to(device))
         results.append([t.detach().cuda() for t in (y, xr.grad, wr.grad)])
