@@ -256,7 +256,9 @@ def _rewrite(owner: Any, attr: str, *replacements: tuple[str, str]) -> None:
     setattr(owner, attr, replacement)
     if isinstance(owner, types.ModuleType):  # modules that imported the function by name
         for module in list(sys.modules.values()):
-            if module and module.__name__.startswith("megatron.") and getattr(module, attr, None) is fn:
+            # sys.modules may hold non-module objects without __name__ (seen on the H200 image)
+            name = getattr(module, "__name__", None)
+            if isinstance(name, str) and name.startswith("megatron.") and getattr(module, attr, None) is fn:
                 setattr(module, attr, replacement)
 
 

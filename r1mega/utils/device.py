@@ -35,7 +35,8 @@ def to_device(value: Any, device: torch.device | None = None) -> Any:
         if value.device == device:
             return value
         if device.type == "cuda" and value.device.type == "cpu":
-            return value.pin_memory().to(device, non_blocking=True)
+            # pin_memory refuses views whose elements share memory (an expanded position_ids): copy those first
+            return value.contiguous().pin_memory().to(device, non_blocking=True)
         return value.to(device)
     if isinstance(value, Mapping):
         return {k: to_device(v, device) for k, v in value.items()}
