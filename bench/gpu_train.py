@@ -384,9 +384,10 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
 BUCKET_NAMES = ("gemm", "attention", "index/sort/topk", "elementwise/norm/reduce", "optimizer", "communication",
                 "memcpy/memset", "other")
 # fmt: on
-FP8_MARKS = ("e4m3", "e5m2", "fp8", "float8", "f8f8", "scaled_mm")
-"""Substrings of FP8 GEMM kernel names (cuBLASLt's name the input types) and of torch's scaled-matmul ops."""
 """index/sort/topk holds MoE routing and token permutation, and also the embedding backward and loss gathers."""
+FP8_MARKS = ("e4m3", "e5m2", "fp8", "float8", "f8f8", "scaled_mm", "blk128", "vec128")
+"""Substrings of FP8 GEMM kernel names and of torch's scaled-matmul ops; cuBLASLt's block-scaled Hopper kernels are
+named like ``nvjet_sm90_qqtst_..._Ablk128_Bvec128_TNN`` (seen on the H200, 2026-12-04)."""
 
 
 def classify(name: str) -> str:
