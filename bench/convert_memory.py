@@ -158,7 +158,7 @@ def child(args: argparse.Namespace) -> None:
     elif args.phase.startswith("baseline-"):
         baseline(args.phase.removeprefix("baseline-"), str(folder))
     else:
-        from r1mega.convert.cli import main as convert
+        from r1mega.cli.convert import main as convert
 
         convert(args.cli)
     result["peak_rss_bytes"] = high_water_mark()

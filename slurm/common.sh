@@ -15,7 +15,7 @@
 #   R1MEGA_DRY_RUN         1: print the srun command line and exit without running it
 
 # r1mega-train's exit status after it honoured a stop request and saved a checkpoint
-# (r1mega.train.signals.PREEMPTED_EXIT_CODE).
+# (r1mega.cli.exits.ExitCode.PREEMPTED; named once here for the shell).
 R1MEGA_PREEMPTED=75
 
 r1mega_log() {

@@ -10,7 +10,7 @@ Examples::
 The logic lives in ``r1mega.convert`` (adapters per family, streaming readers/writers, the audit).
 """
 
-from r1mega.convert.cli import main
+from r1mega.cli.convert import main
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,9 @@ import importlib.util
 import os
 from collections.abc import Sequence
 
+from r1mega.cli.exits import fail
 from r1mega.config.errors import ConfigError
-from r1mega.config.load import compose_config, exit_on_config_error
+from r1mega.config.load import compose_config
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import Accelerator, detect_accelerator, validate
 from r1mega.models.memory import MemoryEstimate, peak_memory, stage_memory
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = compose_config(overrides)
         dp = validate(cfg, accel=accelerator())
     except ConfigError as error:
-        exit_on_config_error(error)
+        fail(error)
     for line in report(cfg, cfg.parallel.world_size, dp, args.groups):
         print(line)
 

@@ -1,8 +1,8 @@
 """What r1mega's Hydra apps share (``r1mega-train``, ``r1mega-eval``, ``r1mega-rejection-sample``).
 
 They take the same config (``conf/``, the same overrides), start the processes the same way (torchrun, srun
-or one process) and fail in one line: exit code 2 for a bad config or bad data, 3 for a loss that stopped
-being finite.
+or one process) and fail in one line with the status of ``r1mega.cli.exits`` (2 for a bad config or bad
+data, 3 for a loss that stopped being finite).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from r1mega.cli.exits import fail, user_errors
 from r1mega.config.errors import ConfigError
-from r1mega.config.load import compose_config, exit_on_config_error, to_typed
+from r1mega.config.load import compose_config, to_typed
 from r1mega.config.schema import R1Config
 from r1mega.config.store import register_configs
 
@@ -42,34 +43,20 @@ def cli_config_name(argv: list[str]) -> str:
 
 
 def run_job(dcfg: DictConfig, job: Job) -> Any:
-    """Type the composed config, start the processes, run ``job`` and tear down; user errors exit with 2,
-    a non-finite loss with 3."""
+    """Type the composed config, start the processes, run ``job`` and tear down; the errors of
+    ``r1mega.cli.exits.EXIT_CODES`` exit in one line with their status."""
     from r1mega.utils.logging import setup_logging
 
-    try:
+    with user_errors():
         cfg = to_typed(dcfg)
-    except ConfigError as e:
-        exit_on_config_error(e)
     setup_logging(cfg.logging.level)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    from r1mega.checkpoint.manager import CheckpointError
-    from r1mega.data.prompts import PromptDataError
-    from r1mega.data.sft import SFTDataError
-    from r1mega.data.tokenizer import TokenizerError
     from r1mega.parallel import bootstrap
-    from r1mega.train.loop import NonFiniteError
 
     try:
-        ctx = bootstrap.initialize(cfg)
-        return job(cfg, ctx)
-    except ConfigError as e:
-        exit_on_config_error(e)
-    except (SFTDataError, PromptDataError, TokenizerError, CheckpointError) as e:
-        print(f"r1mega: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"r1mega: {e}", file=sys.stderr)
-        sys.exit(3)
+        with user_errors():
+            ctx = bootstrap.initialize(cfg)
+            return job(cfg, ctx)
     finally:
         bootstrap.destroy()
 
@@ -82,5 +69,5 @@ def main_for(app: Callable[[], None]) -> None:
         try:
             compose_config(cli_overrides(argv), config_name=cli_config_name(argv))
         except ConfigError as e:
-            exit_on_config_error(e)
+            fail(e)
     app()

@@ -15,8 +15,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from r1mega.cli.exits import fail, user_errors
 from r1mega.config.errors import ConfigError
-from r1mega.config.load import CONFIG_MODULE, exit_on_config_error
+from r1mega.config.load import CONFIG_MODULE
 from r1mega.pipeline.config import PipelineConfig
 
 
@@ -29,20 +30,17 @@ def register() -> None:
 def app(dcfg: DictConfig) -> None:
     """Run the pipeline's steps, then write the report."""
     from r1mega.pipeline.report import write_report
-    from r1mega.pipeline.runner import PipelineError, PipelineRunner
+    from r1mega.pipeline.runner import PipelineRunner
     from r1mega.utils.logging import setup_logging
 
     try:
         cfg: PipelineConfig = OmegaConf.to_object(dcfg)
     except ConfigError as e:
-        exit_on_config_error(e)
+        fail(e, "r1mega-pipeline")
     setup_logging("INFO")
     runner = PipelineRunner(cfg)
-    try:
+    with user_errors("r1mega-pipeline"):
         manifests = runner.run()
-    except PipelineError as e:
-        print(f"r1mega-pipeline: {e}\nRe-run the same command to resume from this step.", file=sys.stderr)
-        sys.exit(1)
     if cfg.report:
         path = write_report(manifests, f"{cfg.run_dir}/report")
         print(f"r1mega-pipeline: done; report at {path}", file=sys.stderr)

@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from r1mega.cli.exits import ExitCode
 from r1mega.cli.jobs import main_for, run_job
 from r1mega.config.load import CONFIG_MODULE
 from r1mega.config.schema import R1Config
@@ -19,12 +20,11 @@ from r1mega.config.schema import R1Config
 
 def _train(cfg: R1Config, ctx) -> None:
     from r1mega.train.loop import train
-    from r1mega.train.signals import PREEMPTED_EXIT_CODE
 
     result = train(cfg, ctx)
     if result.preempted:
         print(f"r1mega: stopped at step {result.step} on request; checkpoint saved", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(ExitCode.PREEMPTED)
     if cfg.eval.after_training:
         _evaluate_final(cfg, ctx)
 

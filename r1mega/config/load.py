@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -116,9 +114,3 @@ def available_options(group: str) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def exit_on_config_error(error: ConfigError) -> NoReturn:
-    """Print a config error as one line and exit with code 2."""
-    print(f"r1mega: config error: {error}", file=sys.stderr)
-    sys.exit(2)

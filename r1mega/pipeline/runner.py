@@ -29,7 +29,7 @@ MODULES = {
     "train": "r1mega.cli.train",
     "sample": "r1mega.cli.rejection_sample",
     "eval": "r1mega.cli.eval",
-    "export": "r1mega.convert.cli",
+    "export": "r1mega.cli.convert",
     "hf_check": "r1mega.pipeline.hf_check",
 }
 """The python module behind each step kind (``command`` steps name their own)."""

@@ -14,10 +14,6 @@ log = get_logger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-PREEMPTED_EXIT_CODE = 75
-"""``r1mega-train``'s exit status after a stop request was honoured and the checkpoint saved (EX_TEMPFAIL:
-"try again"): the run is unfinished and resumes from that checkpoint. ``slurm/train.sbatch`` requeues on it."""
-
 
 class PreemptionHandler:
     """Records a stop request; ``should_stop`` agrees on it across ranks (one all-reduce per step)."""

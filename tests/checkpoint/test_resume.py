@@ -16,6 +16,8 @@ import pytest
 import torch
 from ckpt_utils import assert_identical, checkpoint_tensors, run_trainer
 
+from r1mega.cli.exits import ExitCode
+
 STEPS = 6
 ARGS = [
     f"optim.train_steps={STEPS}",
@@ -73,7 +75,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path) -> None:
             break
     _, rest = proc.communicate(timeout=200)
     seen += rest
-    assert proc.returncode == 75, seen[-3000:]
+    assert proc.returncode == ExitCode.PREEMPTED, seen[-3000:]
     assert "checkpoint saved" in seen
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     step = int(latest.split("_")[1])

@@ -1,11 +1,11 @@
-"""``r1mega-convert``'s exits: 0 with what to do next, 2 for what cannot be converted, 3 for a failed audit."""
+"""``r1mega-convert``'s exits: 0 with what to do next, 2 for what cannot be converted, 4 for a failed audit."""
 
 from __future__ import annotations
 
 import pytest
 from convert.tiny_hf import hf_model, save_hf
 
-from r1mega.convert.cli import main
+from r1mega.cli.convert import main
 
 
 def test_import_prints_how_to_train_and_export_round_trips(tmp_path, capsys) -> None:
@@ -48,9 +48,9 @@ def test_export_of_an_unknown_model_exits_2(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2 and "model=<preset>" in capsys.readouterr().err
 
 
-def test_failed_verify_exits_3(tmp_path, capsys) -> None:
+def test_failed_verify_exits_4(tmp_path, capsys) -> None:
     main(["import", "--hf", str(save_hf(hf_model("qwen2"), tmp_path / "hf")), "--out", str(tmp_path / "ckpt")])
     other = save_hf(hf_model("qwen2", seed=1), tmp_path / "other")
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", "--ckpt", str(tmp_path / "ckpt"), "--hf", str(other)])
-    assert exit_info.value.code == 3 and "FAIL" in capsys.readouterr().err
+    assert exit_info.value.code == 4 and "FAIL" in capsys.readouterr().err

@@ -42,8 +42,8 @@ def _gguf_file() -> Path:
 def test_smollm2_greedy_generations_match_transformers(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from r1mega.cli.convert import main
     from r1mega.config.load import compose_config
-    from r1mega.convert.cli import main
     from r1mega.convert.convert import export_hf, verify_checkpoint
     from r1mega.convert.verify import fp32_single_process, greedy_generate, load_r1mega
     from r1mega.parallel.bootstrap import single_process

@@ -140,7 +140,7 @@ def test_same_weights_same_logits_on_cpu_and_gpu(model: str, tmp_path: Path) -> 
 def test_hf_export_of_a_gpu_trained_checkpoint(dsv3_run: Path, tmp_path: Path) -> None:
     """The bf16 GPU run's final checkpoint exports to a DeepseekV3 folder whose logits match (the --verify audit)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "r1mega.convert.cli", "export", "--ckpt", str(dsv3_run / "checkpoints"),
+        [sys.executable, "-m", "r1mega.cli.convert", "export", "--ckpt", str(dsv3_run / "checkpoints"),
          "--out", str(tmp_path / "hf"), "--dtype", "fp32", "--verify", "--atol", "0.05"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

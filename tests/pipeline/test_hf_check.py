@@ -7,7 +7,7 @@ import json
 import pytest
 from generation_utils import make_checkpoint, make_prompt_data
 
-from r1mega.convert.cli import main as convert
+from r1mega.cli.convert import main as convert
 from r1mega.pipeline.hf_check import main as hf_check
 
 

@@ -193,6 +193,6 @@ def test_submit_checks_the_layout_for_the_world_size_first() -> None:
 
 
 def test_preempted_exit_code_matches_the_trainer() -> None:
-    from r1mega.train.signals import PREEMPTED_EXIT_CODE
+    from r1mega.cli.exits import ExitCode
 
-    assert f"R1MEGA_PREEMPTED={PREEMPTED_EXIT_CODE}\n" in (SLURM / "common.sh").read_text()
+    assert f"R1MEGA_PREEMPTED={int(ExitCode.PREEMPTED)}\n" in (SLURM / "common.sh").read_text()

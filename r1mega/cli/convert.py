@@ -4,19 +4,19 @@
     r1mega-convert import --gguf FILE --out CKPT [--verify]                 # a GGUF file, through transformers
     r1mega-convert export --ckpt CKPT --out DIR [--dtype bf16] [--verify] [overrides...]
     r1mega-convert verify --ckpt CKPT --hf DIR [overrides...]
-    torchrun --nproc-per-node 2 -m r1mega.convert.cli import --hf DIR --out CKPT parallel=ep2   # write in parallel
+    torchrun --nproc-per-node 2 -m r1mega.cli.convert import --hf DIR --out CKPT parallel=ep2   # write in parallel
 
 Overrides are Hydra overrides of the training config: for import everything but the model (``precision=bf16``,
 ``parallel=tp2`` - validated against the model and recorded for training); for export ``model=<preset>``
 when the checkpoint does not record its model. Train from an import with
 ``r1mega-train $(cat CKPT/r1mega_overrides.txt) checkpoint.load=CKPT``.
-Exit codes: 2 for a checkpoint or config that cannot be converted, 3 when ``--verify`` fails.
+Exit codes (``r1mega.cli.exits``): 2 for a checkpoint or config that cannot be converted, 4 when ``--verify``
+fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
@@ -86,12 +86,10 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
-    from r1mega.config.errors import ConfigError
-    from r1mega.convert.adapter import ConvertError
+    from r1mega.cli.exits import user_errors
     from r1mega.convert.convert import export_hf, import_hf, verify_checkpoint
-    from r1mega.convert.verify import VerificationError
 
-    try:
+    with user_errors("r1mega-convert"):
         if args.command == "import" and args.gguf:
             result = _import_gguf(args)
         elif args.command == "import":
@@ -113,12 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(verify_checkpoint(args.ckpt, args.hf, args.overrides, args.atol, args.rtol))
             return
-    except (ConvertError, ConfigError) as e:
-        print(f"r1mega-convert: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
-    except VerificationError as e:
-        print(f"r1mega-convert: {e}", file=sys.stderr)
-        sys.exit(3)
     print(f"wrote {result.path}" + (f"\nverify: {result.report}" if result.report else ""))
     if args.command == "import":
         print(f"train from it: r1mega-train $(cat {result.path}/r1mega_overrides.txt) checkpoint.load={result.path}")
