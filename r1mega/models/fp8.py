@@ -389,3 +389,22 @@ class FP8RowParallelLinear(RowParallelLinear):
             kwargs["sequence_parallel"],
             kwargs.get("tp_group"),
         )
+
+
+# ---- what other forward paths (the rollout engine's cached decoder) need to compute the same function ----------
+
+
+def is_fp8_layer(module: torch.nn.Module) -> bool:
+    """True for a linear layer whose GEMMs run in FP8 (the torch backend's layers with 128-multiple weights)."""
+    return isinstance(module, (FP8ColumnParallelLinear, FP8RowParallelLinear)) and bool(module.fp8)
+
+
+def fake_quantize_1x128(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., K) as an FP8 GEMM sees it: quantised in 1x128 tiles along K, dequantised to ``x.dtype``."""
+    flat = x.reshape(-1, x.shape[-1])  # (tokens, K)
+    return dequantize_1x128(*quantize_1x128(flat)).to(x.dtype).view(x.shape)
+
+
+def fake_quantize_128x128(w: torch.Tensor) -> torch.Tensor:
+    """A weight (N, K) as an FP8 GEMM sees it: quantised in 128x128 blocks, dequantised to ``w.dtype``."""
+    return dequantize_128x128(*quantize_128x128(w)).to(w.dtype)

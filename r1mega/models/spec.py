@@ -81,9 +81,14 @@ class DuplicatedLinear(Linear):
                 init_method(self.weight)
 
 
-# MLASelfAttention accepts a down-projection class only if it is the `Linear` its module imported;
-# point that name at DuplicatedLinear (a subclass) so the local spec can use it.
-_mla_module.Linear = DuplicatedLinear
+def allow_duplicated_mla_down_projections() -> None:
+    """Let megatron-core's MLA take ``DuplicatedLinear`` down-projections (idempotent).
+
+    ``MLASelfAttention`` accepts a down-projection class only if it is the ``Linear`` its module imported; this
+    points that name at ``DuplicatedLinear`` (a subclass, so modules built before behave the same). Called by the
+    local spec builder below whenever it builds MLA layers, not at import time.
+    """
+    _mla_module.Linear = DuplicatedLinear
 
 
 class R1LocalSpecProvider(LocalSpecProvider):
@@ -127,6 +132,7 @@ def _local_layer_spec(config: TransformerConfig, moe: bool, fp8: bool = False) -
     norm = backend.layer_norm(rms_norm=True)
     mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts if moe else None)
     if config.multi_latent_attention:
+        allow_duplicated_mla_down_projections()
         attention = ModuleSpec(
             module=MLASelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},

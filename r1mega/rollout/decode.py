@@ -40,6 +40,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from torch import Tensor
 
+from r1mega.models.fp8 import fake_quantize_1x128, fake_quantize_128x128, fp8_blockwise_linear, is_fp8_layer
 from r1mega.rollout.kv_cache import KVCache
 
 
@@ -116,11 +117,15 @@ class CachedDecoder:
         if bias is not None and getattr(module, "skip_bias_add", False):
             bias = None
         w = module.weight if weight is None else weight
-        return F.linear(x, w, bias if isinstance(bias, Tensor) and bias.numel() else None)
+        bias = bias if isinstance(bias, Tensor) and bias.numel() else None
+        if is_fp8_layer(module):  # the training forward's FP8 GEMM, so rollout and training compute one function
+            out = fp8_blockwise_linear(x, w)
+            return out + bias if bias is not None else out
+        return F.linear(x, w, bias)
 
     def _row(self, module: torch.nn.Module, x: Tensor) -> Tensor:
         """A row-parallel linear: partial sums all-reduced over tensor-parallel ranks."""
-        out = F.linear(x, module.weight)
+        out = fp8_blockwise_linear(x, module.weight) if is_fp8_layer(module) else F.linear(x, module.weight)
         if self.tp > 1:
             torch.distributed.all_reduce(out, group=self.tp_group)
         bias = getattr(module, "bias", None)
@@ -175,10 +180,13 @@ class CachedDecoder:
             kv_c = _rms_norm(kv_c, ln, self.eps)
         q_pe = self._rope(q_pe, step.positions)
         k_pe = self._rope(k_pe.unsqueeze(2), step.positions).squeeze(2)  # (s, b, dr)
+        w_kv = attn.linear_kv_up_proj.weight  # (n * (dn + dv), r)
+        if is_fp8_layer(attn.linear_kv_up_proj):  # absorbed form of its FP8 GEMM: the operands it would see
+            kv_c, w_kv = fake_quantize_1x128(kv_c), fake_quantize_128x128(w_kv)
         end = step.bias.shape[-1]  # attended cache slots S
         step.write(latent, 1, torch.cat([kv_c, k_pe], dim=-1).transpose(0, 1))  # (b, s, r + dr)
         keys = latent[:, :end]  # (b, S, r + dr)
-        w_kv = attn.linear_kv_up_proj.weight.view(n, dn + dv, r)
+        w_kv = w_kv.view(n, dn + dv, r)
         w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]  # (n, dn, r), (n, dv, r)
         q_lat = torch.einsum("sbnd,ndr->bsnr", q_nope, w_uk)  # (b, s, n, r)
         query = torch.cat([q_lat, q_pe.transpose(0, 1)], dim=-1).reshape(b, s * n, r + dr)
