@@ -349,14 +349,18 @@ def _fp8_forward_impl(
     return output + bias if bias is not None else output
 
 
-class FP8ColumnParallelLinear(ColumnParallelLinear):
-    """megatron-core's local ``ColumnParallelLinear`` with DeepSeek-V3's blockwise FP8 GEMMs (bf16 if a dim isn't 128k)."""
+class _FP8Linear:
+    """What the FP8 column- and row-parallel layers share: decide once whether the weight takes the FP8 path,
+    then route megatron's ``_forward_impl`` through the FP8 GEMMs (bf16 if a dim is not a multiple of 128)."""
+
+    fp8: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fp8 = _fp8_shape_ok(self, type(self).__name__)
 
     def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # ``weight`` can be another layer's (a tied output layer): check its shape too.
         if not self.fp8 or weight.shape[0] % BLOCK or weight.shape[1] % BLOCK:
             return super()._forward_impl(input, weight, *args, **kwargs)
         return _fp8_forward_impl(
@@ -370,25 +374,12 @@ class FP8ColumnParallelLinear(ColumnParallelLinear):
         )
 
 
-class FP8RowParallelLinear(RowParallelLinear):
+class FP8ColumnParallelLinear(_FP8Linear, ColumnParallelLinear):
+    """megatron-core's local ``ColumnParallelLinear`` with DeepSeek-V3's blockwise FP8 GEMMs (bf16 if a dim isn't 128k)."""
+
+
+class FP8RowParallelLinear(_FP8Linear, RowParallelLinear):
     """megatron-core's local ``RowParallelLinear`` with DeepSeek-V3's blockwise FP8 GEMMs (bf16 if a dim isn't 128k)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fp8 = _fp8_shape_ok(self, type(self).__name__)
-
-    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.fp8:
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        return _fp8_forward_impl(
-            self,
-            input,
-            weight,
-            kwargs["bias"],
-            kwargs["allreduce_dgrad"],
-            kwargs["sequence_parallel"],
-            kwargs.get("tp_group"),
-        )
 
 
 # ---- what other forward paths (the rollout engine's cached decoder) need to compute the same function ----------
