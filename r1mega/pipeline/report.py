@@ -18,7 +18,22 @@ CURVES = {
     "accuracy": ("accuracy", "eval/pass@1"),
     "response length": ("response_length",),
 }
-"""Panel title -> scalar tags drawn in it (those a run logged)."""
+"""Panel title -> scalar tags drawn in it (those a run logged), without the stage prefix runs write (``grpo/``)."""
+
+
+def series(scalars: dict[str, list[tuple[int, float]]], tag: str) -> list[tuple[int, float]]:
+    """The points of ``tag`` in a run's scalars: logged as ``tag`` or as ``<stage>/tag`` (``MetricsWriter``)."""
+    if scalars.get(tag):
+        return scalars[tag]
+    for name, points in scalars.items():
+        if points and name.split("/", 1)[-1] == tag:
+            return points
+    return []
+
+
+def curve_count(runs: dict[str, dict[str, list[tuple[int, float]]]], panels: dict = CURVES) -> int:
+    """How many (run, tag) lines ``plot_runs`` would draw."""
+    return sum(bool(series(scalars, tag)) for scalars in runs.values() for tags in panels.values() for tag in tags)
 
 
 def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -35,18 +50,20 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], out: str | Path, panels: dict = CURVES) -> Path:
-    """One PNG: a panel per entry of ``panels``, a line per (run, tag) that has data."""
+    """One PNG: a panel per entry of ``panels`` that has data, a line per (run, tag) that has data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Only panels with data: an SFT run has no reward panel.
+    panels = {title: tags for title, tags in panels.items() if curve_count(runs, {title: tags})} or panels
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (title, tags) in zip(axes[0], panels.items(), strict=True):
         for run, scalars in runs.items():
             for tag in tags:
-                if scalars.get(tag):
-                    steps, values = zip(*scalars[tag], strict=True)
+                if points := series(scalars, tag):
+                    steps, values = zip(*points, strict=True)
                     ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=f"{run}: {tag}")
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -121,10 +138,14 @@ def write_report(manifests: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
         tb = Path(m.get("outputs", {}).get("run_dir", "")) / "tb"
         if m["kind"] != "train" or not tb.is_dir():
             continue
-        scalars = read_scalars(tb)
-        if scalars:
-            png = plot_runs({m["name"]: scalars}, out_dir / f"{m['name']}.png")
-            parts.append(f"\n### {m.get('label', m['name'])}\n\n![{m['name']}]({png.name})\n")
+        runs = {m["name"]: read_scalars(tb)}
+        title = f"\n### {m.get('label', m['name'])}\n\n"
+        if curve_count(runs):
+            png = plot_runs(runs, out_dir / f"{m['name']}.png")
+            parts.append(f"{title}![{m['name']}]({png.name})\n")
+        else:  # an empty PNG would look like a run that learned nothing
+            logged = ", ".join(sorted(runs[m["name"]])[:8]) or "none"
+            parts.append(f"{title}No curve tags of the report in `{tb}` (logged: {logged}).\n")
     path = out_dir / "report.md"
     path.write_text("".join(parts))
     return path

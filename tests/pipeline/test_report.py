@@ -62,3 +62,35 @@ def test_report_shows_what_transformers_generated_from_each_export(tmp_path):
     assert "### Qwen2 student: `run/export_qwen/hf`" in text and "1/2 right" in text
     assert "| What is 2 \\| 3? | 2 + 3 = 5 </think> \\boxed{5} | 5 | yes |" in text
     assert "export_llama:" not in text
+
+
+def test_report_plots_the_curves_a_real_run_logged(tmp_path):
+    """Runs log ``<stage>/<metric>`` tags (MetricsWriter): the report must find them, not draw empty axes."""
+    import subprocess
+    import sys
+
+    from r1mega.pipeline.report import curve_count
+
+    run = tmp_path / "base"
+    args = ["optim.train_steps=4", "optim.lr_warmup_steps=0", "data.seq_length=32", "logging.progress_bar=false",
+            f"run_dir={run}"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(run / "tb")
+    assert "pretrain/lm_loss" in scalars and "lm_loss" not in scalars  # what real runs write
+    assert curve_count({"base": scalars}) >= 1
+    manifests = [{"name": "base", "kind": "train", "outputs": {"run_dir": str(run)}, "metrics": {}, "seconds": 1.0}]
+    text = write_report(manifests, tmp_path / "report").read_text()
+    assert "![base](base.png)" in text and "No curve tags" not in text
+
+
+def test_report_says_so_instead_of_drawing_empty_axes(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "run" / "tb"))
+    writer.add_scalar("sft/something_else", 1.0, 1)
+    writer.close()
+    manifests = [{"name": "sft", "kind": "train", "outputs": {"run_dir": str(tmp_path / "run")}, "metrics": {}}]
+    text = write_report(manifests, tmp_path / "report").read_text()
+    assert "No curve tags" in text and "sft/something_else" in text
+    assert not (tmp_path / "report" / "sft.png").exists()
