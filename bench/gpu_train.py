@@ -272,8 +272,7 @@ def build_here(cfg: Any) -> tuple[Any, int]:
     """r1mega's trainer for ``cfg`` in the current parallel state (weights from ``cfg.seed``) and its parameter count."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from r1mega.checkpoint.weights import unwrap
-    from r1mega.models.builder import build_model, transformer_config
+    from r1mega.models.builder import build_model, transformer_config, unwrap
     from r1mega.train.step import build_trainer
 
     model_parallel_cuda_manual_seed(cfg.seed)  # as bootstrap.initialize: the same weights for every build

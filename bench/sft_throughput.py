@@ -156,8 +156,7 @@ def fixed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, to
 
 def build_r1mega(cfg: Any) -> tuple[Any, int]:
     """r1mega's trainer (megatron DDP + optimizer + schedule) and its model's parameter count."""
-    from r1mega.checkpoint.weights import unwrap
-    from r1mega.models.builder import build_model, transformer_config
+    from r1mega.models.builder import build_model, transformer_config, unwrap
     from r1mega.train.step import build_trainer
 
     config = transformer_config(cfg)

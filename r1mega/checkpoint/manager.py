@@ -37,8 +37,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from r1mega.checkpoint import optimizer_state
-from r1mega.checkpoint.weights import sharded_model_state, sharding_metadata, unwrap
+from r1mega.checkpoint.weights import sharded_model_state, sharding_metadata
 from r1mega.config.schema import R1Config
+from r1mega.models.builder import unwrap
 from r1mega.train.step import Trainer
 from r1mega.utils.faults import kill_point
 from r1mega.utils.logging import get_logger

@@ -12,12 +12,7 @@ from collections.abc import Callable
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+from r1mega.models.builder import unwrap
 
 
 def sharding_metadata() -> dict[str, object]:

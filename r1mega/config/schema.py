@@ -23,6 +23,7 @@ from r1mega.config.schema_rl import (  # noqa: F401  (re-exported: every group's
     LOSS_AGG_NAMES,
     POLICY_LOSS_NAMES,
     REWARD_MODEL_NORMALIZE,
+    REWARD_REQUIRES,
     REWARD_START_METHODS,
     EvalConfig,
     GRPOConfig,

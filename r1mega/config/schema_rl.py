@@ -163,6 +163,16 @@ class GRPOConfig:
 REWARD_START_METHODS = ("forkserver", "spawn")
 REWARD_MODEL_NORMALIZE = ("group_winrate", "sigmoid", "zscore", "none")
 """``r1mega.rewards.reward_model.NORMALIZERS`` (named here so that composing a config never imports torch)."""
+REWARD_REQUIRES: dict[str, tuple[str, ...]] = {
+    "accuracy": (),
+    "format": (),
+    "language": (),
+    "length": ("accuracy",),
+    "overlong": (),
+    "reward_model": (),
+}
+"""The rewards registered in ``r1mega.rewards`` -> the rewards each needs (``RewardSpec.requires``). Named here
+so that config stays below the rewards package; tests/rewards/test_registry.py checks it equals the registry."""
 
 
 @dataclass
@@ -205,16 +215,16 @@ class RewardConfig:
     """Responses per reward-model forward."""
 
     def __post_init__(self) -> None:
-        from r1mega.rewards import REWARDS  # here: the registry fills as the reward modules import
-
         for name, weight in self.weights.items():
-            if name not in REWARDS:
+            if name not in REWARD_REQUIRES:
                 raise ConfigError(
-                    f"reward.weights.{name}", weight, f"a weight of a registered reward: {', '.join(sorted(REWARDS))}"
+                    f"reward.weights.{name}",
+                    weight,
+                    f"a weight of a registered reward: {', '.join(sorted(REWARD_REQUIRES))}",
                 )
             if not isinstance(weight, int | float) or not math.isfinite(weight):
                 raise ConfigError(f"reward.weights.{name}", weight, "a finite number")
-            for needed in REWARDS[name].requires:
+            for needed in REWARD_REQUIRES[name]:
                 if needed not in self.weights:
                     raise ConfigError(
                         f"reward.weights.{needed}",

@@ -18,6 +18,7 @@ architecture; anything a side cannot represent raises ``ConvertError`` with a se
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from r1mega.config.schema import ModelConfig
+from r1mega.models.registry import ModelFamily
 
 
 class ConvertError(ValueError):
@@ -189,6 +191,12 @@ class HFAdapter:
         t = t.reshape(groups, (per_group + 2) * d, *rest)
         q, k, v = t.split([per_group * d, d, d], dim=1)
         return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def adapter_class(family: ModelFamily) -> type[HFAdapter]:
+    """The state-dict adapter class that the registry names for ``family`` (imports its module)."""
+    module, _, name = family.adapter.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def model_fields(model: ModelConfig) -> dict[str, Any]:

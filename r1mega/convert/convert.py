@@ -32,7 +32,7 @@ import torch
 
 from r1mega.config.load import compose_config
 from r1mega.config.schema import ModelConfig, ParallelConfig, R1Config
-from r1mega.convert.adapter import ConvertError, HFAdapter, model_fields
+from r1mega.convert.adapter import ConvertError, HFAdapter, adapter_class, model_fields
 from r1mega.convert.hf_io import (
     SafetensorsSource,
     SafetensorsWriter,
@@ -102,7 +102,7 @@ def model_overrides(model: ModelConfig) -> list[str]:
 
 def make_adapter(model: ModelConfig, hf_config: Mapping[str, Any] | None = None) -> HFAdapter:
     """The family's adapter for ``model``, with the layout conventions of ``hf_config`` (if converting back)."""
-    cls = get_family(model.family).hf_adapter()
+    cls = adapter_class(get_family(model.family))
     return cls(model, **cls.conventions(hf_config or {}))
 
 
@@ -207,7 +207,7 @@ def _import_config(
 ) -> tuple[R1Config, list[str]]:
     """The run config of an import and the overrides that give its model (and precision)."""
     try:
-        cls = family_for_hf_model_type(hf.get("model_type", "")).hf_adapter()
+        cls = adapter_class(family_for_hf_model_type(hf.get("model_type", "")))
     except KeyError as e:
         raise ConvertError(e.args[0]) from None
     model = cls.model_config(hf, name)

@@ -6,13 +6,12 @@ from collections.abc import Iterator
 
 import torch
 
-from r1mega.train.step import Batch
 
-
-def synthetic_batch(batch_size: int, seq_length: int, vocab_size: int, seed: int) -> Batch:
+def synthetic_batch(batch_size: int, seq_length: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
     """Sequences following ``x[t+1] = (x[t] * 5 + 3) % V`` from random starts: a model can learn it.
 
-    Deterministic in ``seed``; labels are the next tokens, every position carries loss.
+    Deterministic in ``seed``; labels are the next tokens, every position carries loss. The keys are
+    ``r1mega.train.step.Batch``'s: tokens, labels, loss_mask and position_ids, each ``(b, s)``.
     """
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, vocab_size, (batch_size, 1), generator=g)
@@ -30,7 +29,7 @@ def synthetic_batch(batch_size: int, seq_length: int, vocab_size: int, seed: int
 
 def synthetic_microbatches(
     micro_batch_size: int, seq_length: int, vocab_size: int, seed: int, dp_rank: int, dp_size: int, step: int
-) -> Iterator[Batch]:
+) -> Iterator[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches of one global step (endless; the schedule takes what it needs).
 
     Micro-batch ``i`` of rank ``r`` at ``step`` is the same tensor whatever the layout, so runs with

@@ -26,7 +26,7 @@ from r1mega.eval.protocol import SampleResult, evaluate_prompts, summarize
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.rewards import RewardScorer
 from r1mega.rollout import SamplingParams
-from r1mega.stages.generation import GenerationJob
+from r1mega.rollout.generation import GenerationJob
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -25,6 +25,13 @@ from r1mega.models.registry import get_family
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def use_transformer_engine(cfg: R1Config) -> bool:
     """TE layers when asked for, or on ``auto`` when TE runs on a GPU here (and FP8, if on, is TE's)."""
     impl = cfg.precision.transformer_impl

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from torch import Tensor
 
-from r1mega.checkpoint.weights import unwrap
+from r1mega.models.builder import unwrap
 
 
 @contextmanager

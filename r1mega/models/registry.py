@@ -1,17 +1,13 @@
 """One registry entry per model family: presets, the Hugging Face architecture, and its state-dict adapter.
 
 A lookup miss lists the valid names. The adapter is named, not imported, so that reading the registry stays
-free of torch (``r1mega-check`` validates configs without it).
+free of torch (``r1mega-check`` validates configs without it) and models stay below ``r1mega.convert``, which
+resolves the name (``r1mega.convert.adapter.adapter_class``).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from r1mega.convert.adapter import HFAdapter
 
 
 @dataclass(frozen=True)
@@ -27,11 +23,6 @@ class ModelFamily:
     """``conf/model/`` presets of this family."""
     adapter: str
     """The Hugging Face state-dict adapter (``r1mega.convert``), as ``module:Class``."""
-
-    def hf_adapter(self) -> type[HFAdapter]:
-        """The adapter class (imports it)."""
-        module, _, name = self.adapter.partition(":")
-        return getattr(importlib.import_module(module), name)
 
 
 FAMILIES: dict[str, ModelFamily] = {

@@ -8,8 +8,9 @@ apply a ``ValueHead`` (hidden -> 1) to every token's final-norm output and retur
 and the scorer read the value at each sequence's last real token (the end-of-turn token). megatron-core
 0.16.1 has no public switch for "hidden states out" on the last stage; ``_postprocess`` is the narrowest hook
 and keeps everything else (non-last pipeline stages still return hidden states). The backbone keeps the
-policy's checkpoint keys, so an SFT checkpoint initialises it (``load_reward_weights``); the output layer is
-built by ``GPTModel.__init__`` and dropped at once, and the reward model has no MTP block.
+policy's checkpoint keys, so an SFT checkpoint initialises it (``r1mega.checkpoint.reward``, which loads
+reward-model checkpoints); the output layer is built by ``GPTModel.__init__`` and dropped at once, and the
+reward model has no MTP block. Scoring rollouts with a trained one is ``r1mega.rewards.reward_model_scorer``.
 
 Tensor parallelism: the head is a plain ``(h,)`` weight and a bias, replicated on every TP rank (a width-1
 output cannot be split) and initialised from a fixed seed so replicas agree. Without sequence parallelism
@@ -24,15 +25,10 @@ each rank's head gradient then covers its shard only, so the head parameters are
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -40,27 +36,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from r1mega.checkpoint.manager import CheckpointError
-from r1mega.checkpoint.weights import sharded_model_state, unwrap
 from r1mega.config.errors import ConfigError
-from r1mega.config.schema import ModelConfig, R1Config
-from r1mega.data.preferences import pad_rows, response_ids
+from r1mega.config.schema import R1Config
 from r1mega.models.builder import build_model, transformer_config
-from r1mega.utils.logging import get_logger
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
-
-    from r1mega.rewards.registry import RewardInput
-
-log = get_logger(__name__)
 
 HEAD_PREFIX = "value_head."
 """Checkpoint keys of the value head start with this; every other key is the policy's."""
-
-
-class RewardModelError(CheckpointError):
-    """A reward-model checkpoint that cannot be used: says which and why (``r1mega-train`` prints it in one line)."""
 
 
 class ValueHead(MegatronModule):
@@ -120,127 +101,3 @@ def build_reward_model(cfg: R1Config, config: TransformerConfig | None = None) -
     config = config or transformer_config(cfg)
     config.mtp_num_layers = None  # a reward model predicts no tokens
     return build_model(cfg, config, model_cls=partial(RewardModel, head_seed=cfg.seed))
-
-
-def load_reward_weights(chunks: Sequence[torch.nn.Module], directory: str, require_head: bool = False) -> bool:
-    """Load a checkpoint into reward-model chunks (collective); returns whether it held a value head.
-
-    A reward-model checkpoint loads whole. A policy checkpoint (SFT, GRPO: no value head) loads the backbone,
-    and the head keeps its initialisation; ``require_head`` refuses such a checkpoint instead.
-    """
-    saved = dist_checkpointing.load_tensors_metadata(directory)
-    has_head = f"{HEAD_PREFIX}weight" in saved
-    if require_head and not has_head:
-        raise RewardModelError(
-            f"{directory} holds no value head: it is not a reward-model checkpoint (train one with stage=reward_model)."
-        )
-    state = sharded_model_state(list(chunks))
-    if not has_head:
-        state = {name: {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIX)} for name, sd in state.items()}
-    loaded = dist_checkpointing.load(state, directory)
-    for i, chunk in enumerate(chunks):
-        missing, unexpected = unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
-        missing = [k for k in missing if has_head or not k.startswith(HEAD_PREFIX)]
-        if missing or unexpected:
-            raise RewardModelError(
-                f"{directory} does not fit the reward model: missing {missing}, unexpected {unexpected}."
-            )
-    if not has_head:
-        log.info("reward model: backbone from %s (a policy checkpoint); the value head starts fresh", directory)
-    return has_head
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint folder (``step_*`` with ``meta.json``), or the one a checkpoints folder's ``latest`` names."""
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    if (p / "latest").is_file() and (p / (p / "latest").read_text().strip() / "meta.json").is_file():
-        return p / (p / "latest").read_text().strip()
-    raise RewardModelError(
-        f"No r1mega checkpoint at {path!r}: give a step_* folder with meta.json, or a checkpoints folder with 'latest'."
-    )
-
-
-class RewardModelScorer:
-    """A trained reward model in the trainer process: raw scores of ``RewardInput`` rollouts.
-
-    A rollout is scored as the conversation ``[user: prompt, assistant: prefix + completion]`` through
-    ``r1mega.data.preferences.response_ids``, the rendering the model was trained on. Every model-parallel
-    rank of a data-parallel replica must call ``score`` with the same samples (they do in GRPO); under
-    expert parallelism all ranks must call it equally often (each call makes ``ceil(n / batch_size)``
-    forwards).
-    """
-
-    def __init__(
-        self,
-        chunks: list[RewardModel],
-        tokenizer: PreTrainedTokenizerFast,
-        prefix: str = "",
-        batch_size: int = 8,
-        max_length: int | None = None,
-        multiple_of: int = 1,
-    ) -> None:
-        if len(chunks) != 1:
-            raise ConfigError(
-                "parallel.pipeline_model_parallel_size", len(chunks), "1 to score with a reward model in-process"
-            )
-        self.model = chunks[0].eval().requires_grad_(False)
-        self.tokenizer, self.prefix, self.batch_size = tokenizer, prefix, batch_size
-        self.max_length = max_length or self.model.max_sequence_length
-        self.multiple_of = multiple_of
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    @classmethod
-    def from_checkpoint(cls, cfg: R1Config, tokenizer: PreTrainedTokenizerFast) -> RewardModelScorer:
-        """Build the reward model of ``cfg.reward.reward_model_path`` in this run's layout and load it.
-
-        The architecture is the checkpoint's own (``meta.json`` records the run's config); the parallel
-        layout and precision are this run's. Responses start after ``grpo.prefix`` when it is in the prompt.
-        """
-        r = cfg.reward
-        path = resolve_checkpoint(r.reward_model_path)
-        saved = json.loads((path / "meta.json").read_text())["config"]
-        try:
-            model = ModelConfig(**saved["model"])
-        except TypeError as e:
-            raise RewardModelError(f"{path}/meta.json: its model config does not fit this version ({e}).") from None
-        if model.is_moe and cfg.parallel.expert_model_parallel_size > 1 and cfg.grpo.dynamic_sampling:
-            raise ConfigError(
-                "grpo.dynamic_sampling",
-                True,
-                "false with a mixture-of-experts reward model under expert parallelism (its forwards are collective "
-                "over EP ranks, and dynamic sampling has ranks score different numbers of groups)",
-            )
-        if saved.get("data", {}).get("tokenizer") not in (None, cfg.data.tokenizer):
-            log.warning(
-                "reward model %s was trained with tokenizer %s; scoring with %s",
-                path,
-                saved["data"]["tokenizer"],
-                cfg.data.tokenizer,
-            )
-        chunks = build_reward_model(dataclasses.replace(cfg, model=model))
-        load_reward_weights(chunks, str(path), require_head=True)
-        log.info("reward model %s (%s) loaded for the reward_model reward", path, model.name)
-        tp = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-        return cls(chunks, tokenizer, cfg.grpo.prefix, r.reward_model_batch_size, multiple_of=tp)
-
-    def token_ids(self, sample: RewardInput) -> list[int]:
-        """The tokens the model scores for ``sample`` (the most recent ``max_length`` if longer)."""
-        response = (self.prefix if sample.prefix_in_prompt else "") + sample.completion
-        return response_ids(self.tokenizer, sample.prompt, response)[-self.max_length :]
-
-    @torch.no_grad()
-    def score(self, samples: Sequence[RewardInput]) -> list[float]:
-        """Raw reward of each sample (the value at its last token)."""
-        rows = [self.token_ids(s) for s in samples]
-        device = next(self.model.parameters()).device
-        out: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            batch = {
-                k: v.to(device)
-                for k, v in pad_rows(rows[i : i + self.batch_size], self.pad_id, self.multiple_of).items()
-            }
-            values = self.model(batch["tokens"], batch["position_ids"], None)  # (b, s)
-            out += values[torch.arange(len(values), device=device), batch["last"]].tolist()
-        return out

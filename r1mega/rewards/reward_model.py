@@ -3,10 +3,10 @@
 R1's preference alignment adds a reward model's judgement to the rule-based rewards. ``reward_model`` is a
 *group* reward: it runs in the trainer process (never in the verifier pool; the model needs the trainer's
 parallel state), once per GRPO group, with one batched forward per ``reward.reward_model_batch_size``
-responses. This module stays free of torch; the model (``r1mega.models.reward.RewardModelScorer``, built in
-the run's layout from ``reward.reward_model_path``) is loaded once by ``attach_reward_model``, which the GRPO
-stage calls after creating its ``RewardScorer``. The scorer's API is unchanged: attaching binds the model into
-the scorer's ``reward_model`` spec as a keyword argument.
+responses. This module stays free of torch; the model (``RewardModelScorer`` of
+``r1mega.rewards.reward_model_scorer``, built in the run's layout from ``reward.reward_model_path``) is loaded
+once by ``attach_reward_model``, which the GRPO stage calls after creating its ``RewardScorer``. The scorer's
+API is unchanged: attaching binds the model into the scorer's ``reward_model`` spec as a keyword argument.
 
 Normalisation (``reward.reward_model_normalize``), with r_1..r_n the raw scores of one group:
 
@@ -35,7 +35,7 @@ from r1mega.rewards.registry import RewardError, RewardInput, register_reward
 
 if TYPE_CHECKING:  # not at run time: verifier workers import this package and must stay free of torch
     from r1mega.config.schema import R1Config
-    from r1mega.models.reward import RewardModelScorer
+    from r1mega.rewards.reward_model_scorer import RewardModelScorer
     from r1mega.rewards.scorer import RewardScorer
 
 NAME = "reward_model"
@@ -106,6 +106,7 @@ def attach_reward_model(scorer: RewardScorer, cfg: R1Config, tokenizer: Any) -> 
     the model-parallel ranks); does nothing when ``reward.weights`` has no ``reward_model``."""
     if NAME not in scorer.specs:
         return
-    from r1mega.models.reward import RewardModelScorer  # torch and megatron: only in the trainer process
+    # torch and megatron-core: only in the trainer process
+    from r1mega.rewards.reward_model_scorer import RewardModelScorer
 
     bind_reward_model(scorer, RewardModelScorer.from_checkpoint(cfg, tokenizer))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from r1mega.checkpoint.weights import unwrap
+from r1mega.models.builder import unwrap
 from r1mega.rollout.decode import CachedDecoder, StepInputs
 from r1mega.rollout.graphs import GraphedDecoder, batch_bucket, graph_refusal, length_capacity
 from r1mega.rollout.kv_cache import KVCache

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
-from r1mega.checkpoint.weights import load_weights, unwrap
+from r1mega.checkpoint.weights import load_weights
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config, RewardConfig
 from r1mega.data.prompts import Prompt, PromptSampler, load_prompts, render_prompt
 from r1mega.data.tokenizer import load_tokenizer, pad_token_id
 from r1mega.eval.protocol import evaluate_prompts, summarize
-from r1mega.models.builder import build_model
+from r1mega.models.builder import build_model, unwrap
 from r1mega.models.forward import forward_logits
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.rewards.reward_model import attach_reward_model

@@ -57,7 +57,7 @@ from r1mega.rewards import RewardBreakdown, RewardScorer
 from r1mega.rewards.answer import THINK_END, answer_region, reasoning_text
 from r1mega.rewards.formatting import think_format_ok
 from r1mega.rollout import Completion, SamplingParams
-from r1mega.stages.generation import GenerationJob
+from r1mega.rollout.generation import GenerationJob
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)

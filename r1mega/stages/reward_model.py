@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from r1mega.checkpoint.reward import load_reward_weights
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
 from r1mega.data.preferences import TokenizedPair, make_pair_batch, read_preferences, tokenize_pairs
 from r1mega.data.sft import SFTSampler
 from r1mega.data.tokenizer import load_tokenizer, pad_token_id
-from r1mega.models.reward import build_reward_model, load_reward_weights
+from r1mega.models.reward import build_reward_model
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.train.step import Batch, Trainer, forward_backward
 

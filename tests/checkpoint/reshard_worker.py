@@ -19,9 +19,9 @@ import sys
 import torch
 
 from r1mega.checkpoint.manager import CheckpointManager
-from r1mega.checkpoint.weights import unwrap
 from r1mega.config.load import compose_config
 from r1mega.data.synthetic import synthetic_batch
+from r1mega.models.builder import unwrap
 from r1mega.parallel import bootstrap
 from r1mega.stages.pretrain import PretrainStage
 from r1mega.train.loop import setup

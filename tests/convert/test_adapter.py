@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1mega.config.schema import ModelConfig
-from r1mega.convert.adapter import ConvertError, rope_parameters, vocab_divisor
+from r1mega.convert.adapter import ConvertError, adapter_class, rope_parameters, vocab_divisor
 from r1mega.convert.llama import LlamaAdapter
 from r1mega.models.registry import FAMILIES, family_for_hf_model_type
 
@@ -48,7 +48,7 @@ def test_helpers() -> None:
 
 def test_every_family_names_its_adapter() -> None:
     for family in FAMILIES.values():
-        adapter = family.hf_adapter()
+        adapter = adapter_class(family)
         assert (adapter.family, adapter.hf_architecture, adapter.hf_model_type) == (
             family.name,
             family.hf_architecture,

@@ -11,11 +11,12 @@ import pytest
 import torch
 from dist_utils import run_ranks
 
+from r1mega.checkpoint.reward import RewardModelError, load_reward_weights
 from r1mega.checkpoint.weights import map_parameters, save_weights
 from r1mega.config.load import compose_config
 from r1mega.data.preferences import pad_rows
 from r1mega.models.builder import build_model
-from r1mega.models.reward import RewardModel, RewardModelError, build_reward_model, load_reward_weights
+from r1mega.models.reward import RewardModel, build_reward_model
 from r1mega.parallel.bootstrap import single_process
 
 WORKER = Path(__file__).parent / "reward_tp_worker.py"

@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from r1mega.checkpoint.weights import load_weights, map_parameters, save_weights, unwrap
+from r1mega.checkpoint.weights import load_weights, map_parameters, save_weights
 from r1mega.config.load import compose_config
-from r1mega.models.builder import build_model, transformer_config
+from r1mega.models.builder import build_model, transformer_config, unwrap
 from r1mega.parallel import bootstrap
 from r1mega.stages.pretrain import PretrainStage
 from r1mega.train.step import build_trainer, forward_backward

@@ -15,6 +15,13 @@ def test_builtin_rewards() -> None:
     assert get_reward("overlong").options == ("overlong_buffer_tokens", "overlong_max_tokens")
 
 
+def test_config_names_every_registered_reward() -> None:
+    """config checks reward.weights against a torch-free copy of the registry; the two must agree."""
+    from r1mega.config.schema import REWARD_REQUIRES
+
+    assert REWARD_REQUIRES == {name: spec.requires for name, spec in REWARDS.items()}
+
+
 def test_unknown_reward_lists_valid_names() -> None:
     with pytest.raises(RewardError, match="choose from .*accuracy"):
         get_reward("acuracy")

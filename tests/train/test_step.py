@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from r1mega.checkpoint.weights import unwrap
 from r1mega.config.load import compose_config
 from r1mega.data.synthetic import synthetic_batch
-from r1mega.models.builder import build_model, transformer_config
+from r1mega.models.builder import build_model, transformer_config, unwrap
 from r1mega.parallel.bootstrap import single_process
 from r1mega.train.step import build_trainer, lm_forward_step, train_step
 

@@ -12,7 +12,7 @@ from generation_utils import job_args, make_checkpoint, make_prompt_data, run_jo
 from r1mega.checkpoint.manager import CheckpointError
 from r1mega.config.errors import ConfigError
 from r1mega.config.load import compose_config
-from r1mega.stages.generation import GenerationJob, check_checkpoint_model, resolve_checkpoint
+from r1mega.rollout.generation import GenerationJob, check_checkpoint_model, resolve_checkpoint
 
 
 def _step(root: Path, step: int, model: dict | None = None) -> Path:
