@@ -114,8 +114,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[list[str], Path, Path
 def run_r1mega(overrides: list[str]) -> dict[str, Any]:
     """``optim.train_steps`` GRPO steps in this process; per-step wall time and rollout tokens/s."""
     from r1mega.config.load import compose_config
+    from r1mega.loop import train
     from r1mega.parallel.bootstrap import single_process
-    from r1mega.train.loop import train
 
     cfg = compose_config(overrides)
     with single_process(cfg) as ctx:

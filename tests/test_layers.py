@@ -18,7 +18,7 @@ from import_graph import ROOT, Edge, import_edges, module_names, strongly_connec
 
 LAYERS: list[tuple[str, ...]] = [
     ("r1mega.cli",),  # entry points: one Hydra app or argparse command each
-    ("r1mega.pipeline", "r1mega.train.loop"),  # the multi-stage pipeline runner; the one training loop
+    ("r1mega.pipeline", "r1mega.loop"),  # the multi-stage pipeline runner; the one training loop
     ("r1mega.stages",),  # SFT, GRPO, reward model, pretrain; rejection sampling and distillation jobs
     ("r1mega.eval",),  # R1's evaluation protocol
     ("r1mega.rewards",),  # rule rewards, verifier pool, the reward model's scorer
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 """Top to bottom. A module may import from its own entry or any lower layer; entries that share a layer are
 independent (neither imports the other). A module belongs to the longest entry that prefixes its name, so
-``r1mega.train.loop`` sits above the stages it runs while the rest of ``r1mega.train`` sits below them."""
+``r1mega.loop`` (the one training loop) sits above the stages it runs while ``r1mega.train`` (the engine) sits below them."""
 
 
 def _entry(module: str, layers: list[tuple[str, ...]]) -> tuple[int, str] | None:

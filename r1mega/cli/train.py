@@ -19,7 +19,7 @@ from r1mega.config.schema import R1Config
 
 
 def _train(cfg: R1Config, ctx) -> None:
-    from r1mega.train.loop import train
+    from r1mega.loop import train
 
     result = train(cfg, ctx)
     if result.preempted:

@@ -21,10 +21,10 @@ import torch
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.config.load import compose_config
 from r1mega.data.synthetic import synthetic_batch
+from r1mega.loop import setup
 from r1mega.models.builder import unwrap
 from r1mega.parallel import bootstrap
 from r1mega.stages.pretrain import PretrainStage
-from r1mega.train.loop import setup
 from r1mega.train.step import Trainer, train_step
 
 COMMON = [

@@ -7,8 +7,8 @@ import pytest
 from r1mega.cli.exits import EXIT_CODES, ExitCode, _resolve, exit_code_for, fail, user_errors
 from r1mega.config.errors import ConfigError
 from r1mega.convert.verify import VerificationError
+from r1mega.loop import NonFiniteError
 from r1mega.pipeline.runner import PipelineError
-from r1mega.train.loop import NonFiniteError
 
 
 def test_every_table_entry_names_a_real_exception() -> None:

@@ -11,10 +11,10 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from r1mega.config.load import compose_config
 from r1mega.data.preferences import make_pair_batch
+from r1mega.loop import setup
 from r1mega.models.builder import unwrap
 from r1mega.parallel.bootstrap import destroy, initialize
 from r1mega.stages.reward_model import REPORT_KEYS, rm_forward_step
-from r1mega.train.loop import setup
 from r1mega.train.step import forward_backward
 
 

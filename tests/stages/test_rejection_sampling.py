@@ -15,6 +15,7 @@ from r1mega.config.load import compose_config
 from r1mega.config.schema import RejectionConfig
 from r1mega.data.prompts import Prompt, load_prompts
 from r1mega.data.sft import parse_sft_record, read_sft_jsonl
+from r1mega.loop import train
 from r1mega.parallel.bootstrap import single_process
 from r1mega.rewards import RewardBreakdown
 from r1mega.rollout import Completion
@@ -28,7 +29,6 @@ from r1mega.stages.rejection_sampling import (
     split_completion,
     summarize_outcomes,
 )
-from r1mega.train.loop import train
 
 GOOD = "Add 2 and 2 to get 4.\n</think>\n\nThe sum is \\boxed{4}."
 

@@ -21,11 +21,11 @@ from r1mega.config.load import compose_config
 from r1mega.config.validate import Accelerator, validate
 from r1mega.data.coldstart import write_cold_start
 from r1mega.data.preferences import read_preferences, response_ids, write_preferences
+from r1mega.loop import setup
 from r1mega.parallel.bootstrap import single_process
 from r1mega.rewards import RewardInput, RewardScorer
 from r1mega.rewards.reward_model import attach_reward_model
 from r1mega.stages.reward_model import RewardModelStage, bradley_terry, pair_loss
-from r1mega.train.loop import setup
 from r1mega.train.step import train_step
 
 
