@@ -49,8 +49,17 @@ EXIT_CODES: dict[str, ExitCode] = {
 
 _LABELS = {"ConfigError": "config error", "NonFiniteError": None, "VerificationError": None, "PipelineError": None}
 """How a kind is named in the one-line message (None: the message says it itself)."""
-_HINTS = {"PipelineError": "Re-run the same command to resume from this step."}
-"""What to do next, printed after the message."""
+RESUME_HINT = "Re-run the same command to resume from this step."
+INPUT_HINT = (
+    "The step refused its input (exit 2): fix that, then re-run the same command (completed steps are skipped)."
+)
+
+
+def _hint(error: BaseException) -> str:
+    """What to do next, printed after the message: only a pipeline failure has a next step."""
+    if type(error).__name__ != "PipelineError":
+        return ""
+    return INPUT_HINT if getattr(error, "step_exit_code", None) == ExitCode.USER_ERROR else RESUME_HINT
 
 
 def _resolve(path: str) -> type[BaseException]:
@@ -74,7 +83,7 @@ def fail(error: BaseException, prog: str = "r1mega") -> NoReturn:
         raise error
     kind = type(error).__name__
     label = _LABELS.get(kind, kind)
-    hint = f"\n{_HINTS[kind]}" if kind in _HINTS else ""
+    hint = f"\n{_hint(error)}" if _hint(error) else ""
     print(f"{prog}: {label}: {error}{hint}" if label else f"{prog}: {error}{hint}", file=sys.stderr)
     sys.exit(int(code))
 

@@ -11,7 +11,7 @@ A record is one line of JSONL::
 the sequence ends with the template's end-of-turn token (R1: EOS), where the reward model reads its score.
 The GRPO reward renders rollouts through the same function, so training and scoring see the same tokens.
 
-The generator (:func:`make_pairs`, ``tools/make_preferences.py``) builds a tiny offline set from the
+The generator (:func:`make_pairs`, ``r1mega-make-preferences``) builds a tiny offline set from the
 cold-start records (``r1mega.data.coldstart``): ``chosen`` is the record's clean answer
 ``<think>\\nreasoning\\n</think>\\n\\nThe answer is \\boxed{..}.``; ``rejected`` is one of
 :data:`REJECTION_KINDS`, a corruption of that answer:
@@ -273,11 +273,11 @@ def make_pairs(
 
 
 def _cold_start_record(record: Any, default_id: str) -> dict[str, Any]:
-    """A cold-start SFT record as written by ``tools/make_cold_start.py`` (checked as SFT data), kept as a dict."""
+    """A cold-start SFT record as written by ``r1mega-make-cold-start`` (checked as SFT data), kept as a dict."""
     parse_sft_record(record, default_id)
     if not isinstance(record.get("meta"), dict) or "answer" not in record["meta"] or "id" not in record:
         raise ValueError(
-            "not a cold-start record (needs 'id' and 'meta.answer'): write one with tools/make_cold_start.py"
+            "not a cold-start record (needs 'id' and 'meta.answer'): write one with r1mega-make-cold-start"
         )
     return record
 

@@ -28,8 +28,8 @@ class StepConfig:
     overrides: list[str] = field(default_factory=list)
     """Hydra overrides (train/sample/eval) or arguments (export/command); ``{step.key}`` names earlier outputs."""
     module: str | None = None
-    """For kind=command: a python module run with ``python -m``, or a script path ending in .py
-    (``tools/make_cold_start.py``)."""
+    """For kind=command: a python module run with ``python -m`` (``r1mega.cli.make_cold_start``: what the pipeline
+    runs ships inside the package, so it works from any directory), or a script path ending in .py."""
     evaluate: bool = True
     """For kind=train: evaluate the final checkpoint on the held-out prompts (the report's table)."""
     eval_overrides: list[str] = field(default_factory=list)

@@ -40,6 +40,11 @@ _REFERENCE = re.compile(r"\{(\w+)\.(\w+)\}")
 class PipelineError(RuntimeError):
     """A step failed or refers to something that does not exist; the message says which and where to look."""
 
+    def __init__(self, message: str, step_exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.step_exit_code = step_exit_code
+        """The failed step's exit status (2: it refused its input, which a re-run alone cannot fix)."""
+
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file renamed over it)."""
@@ -129,7 +134,7 @@ class PipelineRunner:
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
         if code != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-            raise PipelineError(f"{cmd[2] if len(cmd) > 2 else cmd} exited with {code}; see {log_path}\n{tail}")
+            raise PipelineError(f"{cmd[2] if len(cmd) > 2 else cmd} exited with {code}; see {log_path}\n{tail}", code)
 
     def _outputs_exist(self, manifest: dict[str, Any]) -> bool:
         return all(Path(p).exists() for p in manifest.get("outputs", {}).values())

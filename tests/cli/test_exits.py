@@ -27,7 +27,8 @@ def test_each_status_means_one_thing() -> None:
         (ConfigError("optim.lr", -1, "a positive number"), 2, "r1mega: config error: optim.lr"),
         (NonFiniteError("3 steps in a row"), 3, "r1mega: 3 steps in a row"),
         (VerificationError("verify: FAIL"), 4, "r1mega: verify: FAIL"),
-        (PipelineError("sft exited with 1"), 1, "Re-run the same command"),
+        (PipelineError("sft exited with 1", 1), 1, "Re-run the same command to resume"),
+        (PipelineError("sft exited with 2", 2), 1, "The step refused its input (exit 2)"),
     ],
 )
 def test_fail_prints_one_line_and_exits_with_the_table_status(error, code, line, capsys) -> None:

@@ -95,3 +95,50 @@ def test_training_step_evaluates_its_final_checkpoint_in_the_same_process(workdi
     assert (workdir / "run" / "sft" / "step.log").read_text().count("\n$ ") == 1  # no second process
     with pytest.raises(ConfigError, match="eval.\\* overrides only"):
         PipelineConfig(eval_overrides=["model=qwen2_tiny"])
+
+
+def test_data_steps_run_from_a_directory_outside_the_repo(workdir):
+    """What the pipeline runs ships inside the package (``python -m r1mega.cli.make_*``): no path into the repo."""
+    assert not (workdir / "tools").exists()  # the working directory is a bare temporary folder
+    cfg = PipelineConfig(
+        run_dir=str(workdir / "run"),
+        report=False,
+        steps=[
+            StepConfig(name="data", kind="command", module="r1mega.cli.make_cold_start",
+                       overrides=["--num-train", "30", "--num-eval", "6", "--preset", "easy", "--out", "data/cs"]),
+            StepConfig(name="preferences", kind="command", module="r1mega.cli.make_preferences",
+                       overrides=["--cold-start", "data/cs", "--out", "data/prefs", "--num-train", "20",
+                                  "--num-eval", "6"]),
+        ],
+    )  # fmt: skip
+    manifests = PipelineRunner(cfg).run()
+    assert [m["status"] for m in manifests] == ["complete", "complete"]
+    assert (workdir / "data" / "cs" / "train.jsonl").is_file() and (
+        workdir / "data" / "prefs" / "train.jsonl"
+    ).is_file()
+
+
+def test_the_tiny_pipeline_names_modules_not_repo_paths():
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    tiny = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "pipeline" / "tiny.yaml")
+    commands = [s for s in tiny.steps if s.kind == "command"]
+    assert commands and all(importlib.util.find_spec(s.module) is not None for s in commands)
+
+
+def test_a_step_that_refused_its_input_says_a_rerun_will_not_fix_it(workdir, capsys):
+    from r1mega.cli.exits import INPUT_HINT, fail
+
+    cfg = PipelineConfig(
+        run_dir=str(workdir / "run"),
+        report=False,
+        steps=[StepConfig(name="bad", kind="train", overrides=["optim.lr=-1"], evaluate=False)],
+    )
+    with pytest.raises(PipelineError) as error:
+        PipelineRunner(cfg).run()
+    assert error.value.step_exit_code == 2
+    with pytest.raises(SystemExit):
+        fail(error.value, "r1mega-pipeline")
+    assert INPUT_HINT in capsys.readouterr().err
