@@ -140,7 +140,7 @@ def test_tool_help() -> None:
 
 def test_tool_writes_a_set(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     tool = load_tool()
-    monkeypatch.setattr(tool, "setup_logging", lambda: None)  # leave the test session's logging alone
+    monkeypatch.setattr("r1mega.cli.make_cold_start.setup_logging", lambda: None)  # leave the session's logging alone
     tool.main(["--out", str(tmp_path), "--num-train", "20", "--num-eval", "5", "--tasks", "chain_sum,lcm"])
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["num_train"] == 20 and set(manifest["tasks"]) == {"chain_sum", "lcm"}
