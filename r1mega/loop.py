@@ -7,6 +7,7 @@ next step boundary, then a clean exit) and ``MetricsWriter`` (TensorBoard and th
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +15,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
-from r1mega.checkpoint.weights import load_weights
 from r1mega.config.schema import R1Config
-from r1mega.models.builder import build_model, transformer_config
+from r1mega.models.builder import transformer_config
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.stages import get_stage
 from r1mega.stages.base import Stage
 from r1mega.train.metrics import MetricsWriter
 from r1mega.train.signals import PreemptionHandler
-from r1mega.train.step import Trainer, build_trainer, train_step
+from r1mega.train.step import Trainer, build_trainer
 from r1mega.utils.faults import kill_point
 from r1mega.utils.logging import get_logger
 
@@ -45,12 +45,18 @@ class RunResult:
     """Metrics of the steps run in this call."""
 
 
-def setup(cfg: R1Config, ctx: ParallelContext) -> Trainer:
-    """Build the model chunks and wrap them with optimizer and schedule."""
-    config = transformer_config(cfg)
-    build = getattr(get_stage(cfg.stage.name), "build_model", build_model)  # a stage may bring its own model
-    chunks = build(cfg, config)
-    return build_trainer(cfg, config, chunks, ctx.data_parallel_size)
+def setup(cfg: R1Config, ctx: ParallelContext) -> tuple[Trainer, Stage]:
+    """The configured stage (its data read and checked first), its model chunks wrapped with optimizer and schedule,
+    and the stage bound to them (see ``r1mega.stages.base`` for the order of the hooks)."""
+    stage = get_stage(cfg.stage.name)(cfg, ctx)
+    try:
+        config = transformer_config(cfg)
+        trainer = build_trainer(cfg, config, stage.build_model(config), ctx.data_parallel_size)
+        stage.bind(trainer)
+    except BaseException:
+        stage.close()
+        raise
+    return trainer, stage
 
 
 def _resume(cfg: R1Config, trainer: Trainer, stage: Stage, checkpoints: CheckpointManager) -> int:
@@ -61,62 +67,54 @@ def _resume(cfg: R1Config, trainer: Trainer, stage: Stage, checkpoints: Checkpoi
         stage.load_state_dict(stage_state)
         return step
     if cfg.checkpoint.load:
-        getattr(stage, "load_weights", load_weights)(trainer.model, cfg.checkpoint.load)
+        stage.load_weights(trainer.model, cfg.checkpoint.load)
         log.info("initialised weights from %s", cfg.checkpoint.load)
     return 0
 
 
 def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
     """Run the configured stage up to ``optim.train_steps`` steps, resuming if a checkpoint exists."""
-    trainer = setup(cfg, ctx)
-    stage = get_stage(cfg.stage.name)(cfg, ctx)
-    own_step = getattr(stage, "train_step", None)  # stages that run their own updates (GRPO)
-    if own_step is not None:
-        stage.bind(trainer)
-    checkpoints = CheckpointManager(cfg)
-    if ctx.is_main:
-        _write_resolved_config(cfg)
-    step = _resume(cfg, trainer, stage, checkpoints)
-    metrics = MetricsWriter(cfg, ctx, initial_step=step)
-    preemption = PreemptionHandler()
-    result = RunResult(step=step)
-    bad_in_a_row = 0
-    try:
-        while step < cfg.optim.train_steps:
-            start = time.perf_counter()
-            if own_step is not None:
-                m = own_step(trainer, step)
+    trainer, stage = setup(cfg, ctx)
+    with contextlib.closing(stage):  # the stage's workers stop however the run ends
+        checkpoints = CheckpointManager(cfg)
+        if ctx.is_main:
+            _write_resolved_config(cfg)
+        step = _resume(cfg, trainer, stage, checkpoints)
+        metrics = MetricsWriter(cfg, ctx, initial_step=step)
+        preemption = PreemptionHandler()
+        result = RunResult(step=step)
+        bad_in_a_row = 0
+        try:
+            while step < cfg.optim.train_steps:
+                start = time.perf_counter()
+                m = stage.train_step(trainer, step)
+                m["tokens_per_s"] = stage.tokens_per_step() / (time.perf_counter() - start)
+                step += 1
+                kill_point("train_step", step)
+                bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
+                if bad_in_a_row >= cfg.stage.max_consecutive_nonfinite:
+                    raise NonFiniteError(
+                        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                        "they did not update the weights. Lower optim.lr or check the data."
+                    )
+                if cfg.stage.eval_interval and step % cfg.stage.eval_interval == 0:
+                    m.update(stage.evaluate(trainer))
+                result.history.append(m)
+                metrics.log(step, m)
+                interval = cfg.checkpoint.save_interval
+                if preemption.should_stop():
+                    checkpoints.save(step, trainer, stage.state_dict())
+                    result.preempted = True
+                    log.warning("checkpointed step %d after a stop request; exiting", step)
+                    break
+                if interval and step % interval == 0 and step < cfg.optim.train_steps:
+                    checkpoints.save(step, trainer, stage.state_dict())
             else:
-                m = train_step(trainer, stage.batches(step), stage.forward_step(), keys=stage.report_keys)
-            m["tokens_per_s"] = stage.tokens_per_step() / (time.perf_counter() - start)
-            step += 1
-            kill_point("train_step", step)
-            bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
-            if bad_in_a_row >= cfg.stage.max_consecutive_nonfinite:
-                raise NonFiniteError(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                    "they did not update the weights. Lower optim.lr or check the data."
-                )
-            if cfg.stage.eval_interval and step % cfg.stage.eval_interval == 0:
-                m.update(stage.evaluate(trainer))
-            result.history.append(m)
-            metrics.log(step, m)
-            interval = cfg.checkpoint.save_interval
-            if preemption.should_stop():
-                checkpoints.save(step, trainer, stage.state_dict())
-                result.preempted = True
-                log.warning("checkpointed step %d after a stop request; exiting", step)
-                break
-            if interval and step % interval == 0 and step < cfg.optim.train_steps:
-                checkpoints.save(step, trainer, stage.state_dict())
-        else:
-            if step > _saved_step(checkpoints):  # the final weights, unless already saved
-                checkpoints.save(step, trainer, stage.state_dict())
-    finally:
-        preemption.close()
-        metrics.close()
-        if hasattr(stage, "close"):
-            stage.close()
+                if step > _saved_step(checkpoints):  # the final weights, unless already saved
+                    checkpoints.save(step, trainer, stage.state_dict())
+        finally:
+            preemption.close()
+            metrics.close()
     result.step = step
     return result
 

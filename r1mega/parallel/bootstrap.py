@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ import torch.distributed as dist
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import detect_accelerator, validate
 from r1mega.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 log = get_logger(__name__)
 
@@ -88,13 +92,24 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()))
 
 
+PROCESS_GROUPS = ("tp", "pp", "cp", "ep", "expt_tp", "dp", "dp_cp", "expt_dp")
+"""The megatron-core process groups a ``ParallelContext`` carries (``ProcessGroupCollection`` field names)."""
+
+
 @dataclass
 class ParallelContext:
-    """The started distributed run, passed explicitly to what needs it."""
+    """The started distributed run, passed explicitly to what needs it.
+
+    Stages, the rollout engine and the generation jobs take their process groups from ``groups`` (megatron-core's
+    ``ProcessGroupCollection``, filled once by ``initialize``) instead of reading ``parallel_state`` globals, so
+    what a component communicates over is visible at its call site.
+    """
 
     launch: LaunchEnv
     data_parallel_size: int
     device: torch.device
+    groups: ProcessGroupCollection
+    """This rank's groups: tp, pp, cp, ep, expt_tp (experts' TP), dp, dp_cp, expt_dp."""
 
     @property
     def rank(self) -> int:
@@ -107,6 +122,24 @@ class ParallelContext:
     @property
     def is_main(self) -> bool:
         return self.launch.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index in its data-parallel group."""
+        return dist.get_rank(self.groups.dp)
+
+    @property
+    def tp_rank(self) -> int:
+        """This rank's index in its tensor-parallel group."""
+        return dist.get_rank(self.groups.tp)
+
+    @property
+    def tp_size(self) -> int:
+        return dist.get_world_size(self.groups.tp)
+
+    @property
+    def ep_size(self) -> int:
+        return dist.get_world_size(self.groups.ep)
 
 
 def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContext:
@@ -140,6 +173,7 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
             timeout=timedelta(minutes=cfg.parallel.timeout_minutes),
         )
     from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     p = cfg.parallel
@@ -153,6 +187,7 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
         distributed_timeout_minutes=p.timeout_minutes,
     )
     model_parallel_cuda_manual_seed(cfg.seed)
+    groups = ProcessGroupCollection.use_mpu_process_groups(list(PROCESS_GROUPS))
     torch.manual_seed(cfg.seed)
     log.info(
         "started %d process(es) via %s: TP=%d PP=%d CP=%d EP=%d ETP=%d DP=%d on %s (%s)",
@@ -167,7 +202,7 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
         device,
         backend,
     )
-    return ParallelContext(launch=launch, data_parallel_size=dp, device=device)
+    return ParallelContext(launch=launch, data_parallel_size=dp, device=device, groups=groups)
 
 
 def _deterministic_cuda() -> None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import (
@@ -75,7 +75,7 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 class CachedDecoder:
     """KV-cached forward of one (pipeline-complete) megatron-core ``GPTModel``."""
 
-    def __init__(self, model: GPTModel, max_len: int) -> None:
+    def __init__(self, model: GPTModel, max_len: int, tp_group: dist.ProcessGroup | None = None) -> None:
         if not (model.pre_process and model.post_process):
             raise ValueError(
                 "the rollout engine needs the whole model on each rank: set parallel.pipeline_model_parallel_size=1 "
@@ -84,9 +84,10 @@ class CachedDecoder:
         self.model = model
         self.config = config = model.config
         self.mla = bool(getattr(config, "multi_latent_attention", False))
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_group = tp_group
+        """The model's tensor-parallel group; None when it is not split (TP=1)."""
+        self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
         self.layers = list(model.decoder.layers)
         self.eps = config.layernorm_epsilon
         self.max_len = max_len

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models.builder import unwrap
 from r1mega.rollout.decode import CachedDecoder, StepInputs
@@ -42,8 +43,6 @@ from r1mega.rollout.sampling import SamplingParams, sample_tokens
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-FINISH_REASONS = ("eos", "stop", "length")
 
 
 @dataclass
@@ -116,12 +115,29 @@ class _Batch:
         return self.key_bias.shape[0]
 
 
+def rollout_groups(
+    config: TransformerConfig, groups: ProcessGroupCollection | None
+) -> tuple[torch.distributed.ProcessGroup | None, torch.distributed.ProcessGroup | None]:
+    """(tensor-parallel group, expert-parallel group) a model built with ``config`` generates over; None where
+    that dimension is 1. A split model needs its groups passed (``ParallelContext.groups``)."""
+    tp, ep = config.tensor_model_parallel_size, config.expert_model_parallel_size
+    if groups is None:
+        if tp > 1 or ep > 1:
+            raise ValueError(
+                f"the model is split (TP={tp}, EP={ep}): pass its process groups to the rollout engine "
+                "(groups=ctx.groups from r1mega.parallel.bootstrap)"
+            )
+        return None, None
+    return (groups.tp if tp > 1 else None), (groups.ep if ep > 1 else None)
+
+
 class RolloutEngine:
     """Samples completions from the model chunks a trainer holds (weights shared, never copied).
 
     ``cuda_graphs``: replay the decode step as CUDA graphs (True), never (False), or when the model allows
     it (None: a dense model on CUDA without tensor parallelism; see ``graphs.graph_refusal``). Graphs keep
-    a KV cache on the device between calls; ``release`` frees it.
+    a KV cache on the device between calls; ``release`` frees it. ``groups``: the process groups of a model
+    split by tensor or expert parallelism (``ParallelContext.groups``); None for a model on one process.
     """
 
     def __init__(
@@ -133,6 +149,7 @@ class RolloutEngine:
         seed: int = 0,
         pad_token_id: int = 0,
         cuda_graphs: bool | None = None,
+        groups: ProcessGroupCollection | None = None,
     ) -> None:
         if len(chunks) != 1:
             raise ValueError("the rollout engine needs one model chunk per rank (no virtual pipeline stages)")
@@ -149,10 +166,8 @@ class RolloutEngine:
         self.stats = GenerationStats()
         self._decoder: CachedDecoder | None = None
         self._graphed: GraphedDecoder | None = None
-        self._tp = parallel_state.get_tensor_model_parallel_world_size()
-        self._tp_group = parallel_state.get_tensor_model_parallel_group() if self._tp > 1 else None
-        ep = parallel_state.get_expert_model_parallel_world_size()
-        self._sync_group = parallel_state.get_expert_model_parallel_group() if ep > 1 else None
+        self._tp_group, self._sync_group = rollout_groups(self.model.config, groups)
+        self._tp = torch.distributed.get_world_size(self._tp_group) if self._tp_group is not None else 1
         self.cuda_graphs = self._choose_graphs(cuda_graphs)
 
     def _choose_graphs(self, wanted: bool | None) -> bool:
@@ -208,7 +223,7 @@ class RolloutEngine:
 
     def _decoder_for(self, max_len: int) -> CachedDecoder:
         if self._decoder is None or self._decoder.max_len < max_len:
-            self._decoder = CachedDecoder(self.model, max(max_len, 256))
+            self._decoder = CachedDecoder(self.model, max(max_len, 256), self._tp_group)
         return self._decoder
 
     def _graphed_for(self, batch: int, max_len: int) -> GraphedDecoder:

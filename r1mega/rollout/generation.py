@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 from r1mega.checkpoint.manager import CheckpointError
@@ -104,10 +103,8 @@ class GenerationJob:
                 "model.vocab_size", cfg.model.vocab_size, f"at least the tokenizer's {len(self.tokenizer)} tokens"
             )
         self.chunks = load_policy(cfg, self.checkpoint)
-        self.dp = parallel_state.get_data_parallel_world_size()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.reports = parallel_state.get_tensor_model_parallel_rank() == 0
+        self.dp, self.dp_rank, self.dp_group = ctx.data_parallel_size, ctx.dp_rank, ctx.groups.dp
+        self.reports = ctx.tp_rank == 0
         """Whether this rank's results are used (tensor-parallel peers generate the same ones)."""
         self.engine = RolloutEngine(
             self.chunks,
@@ -115,6 +112,7 @@ class GenerationJob:
             vocab_size=len(self.tokenizer),
             seed=cfg.data.seed + 7919 * self.dp_rank,
             pad_token_id=pad_token_id(self.tokenizer),
+            groups=ctx.groups,
         )
         self.prefix = cfg.grpo.prefix
         self.forbidden = tuple(t for t in self.tokenizer.all_special_tokens if t not in (THINK_START, THINK_END))
@@ -132,7 +130,7 @@ class GenerationJob:
         """
         count = torch.tensor([-(-len(items) // size)], device=self.ctx.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        serve_peers = parallel_state.get_expert_model_parallel_world_size() > 1
+        serve_peers = self.ctx.ep_size > 1
         show = self.ctx.is_main and self.cfg.logging.progress_bar
         with tqdm(total=int(count), desc=desc, unit="batch", disable=not show) as bar:
             for k in range(int(count)):

@@ -18,10 +18,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from megatron.core import parallel_state
 
 from r1mega.checkpoint.weights import load_weights
 from r1mega.config.errors import ConfigError
@@ -37,6 +36,7 @@ from r1mega.rewards.scorer import RewardScorer
 from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from_logits, token_logprobs
 from r1mega.rl.kl import apply_kl_to_rewards
 from r1mega.rollout import Completion, RolloutEngine, SamplingParams
+from r1mega.stages.base import Stage
 from r1mega.train.step import Batch, Trainer, train_step
 from r1mega.utils.device import current_device, to_device
 from r1mega.utils.logging import get_logger
@@ -64,20 +64,19 @@ class Sample:
     """False for responses excluded from the loss (overlong filtering)."""
 
 
-class GRPOStage:
+class GRPOStage(Stage):
     """The GRPO stage: rollout, reward, advantages, policy updates (it runs its own step)."""
 
-    report_keys: Sequence[str] = (*SHARE_KEYS, *TOKEN_KEYS)
+    report_keys: ClassVar[Sequence[str]] = (*SHARE_KEYS, *TOKEN_KEYS)
 
     def __init__(self, cfg: R1Config, ctx: ParallelContext) -> None:
+        super().__init__(cfg, ctx)
         g, d = cfg.grpo, cfg.data
         if not (d.train_path and d.tokenizer):
             raise ConfigError("data.train_path", d.train_path, "a prompt JSONL and data.tokenizer for stage=grpo")
-        self.cfg, self.g = cfg, g
-        self.dp = parallel_state.get_data_parallel_world_size()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.g = g
+        self.dp, self.dp_rank, self.dp_group = ctx.data_parallel_size, ctx.dp_rank, ctx.groups.dp
+        self.tp = ctx.tp_size
         if g.prompts_per_step % self.dp:
             raise ConfigError(
                 "grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {self.dp}"
@@ -121,6 +120,7 @@ class GRPOStage:
             vocab_size=len(self.tokenizer),
             seed=self.cfg.data.seed + 7919 * self.dp_rank,
             pad_token_id=self.pad_id,
+            groups=self.ctx.groups,
         )
         loss = self.g.loss
         if loss.kl_coef > 0:  # the reference: the starting weights (checkpoint.load, else this initialisation)
@@ -386,13 +386,7 @@ class GRPOStage:
             **timing,
         }
 
-    # ---- the Stage protocol -------------------------------------------------------------------------
-
-    def batches(self, step: int) -> Iterator[Batch]:
-        raise NotImplementedError("GRPO builds its batches from rollouts in train_step")
-
-    def forward_step(self) -> Any:
-        return self._forward_step
+    # ---- the rest of the Stage contract --------------------------------------------------------------
 
     def tokens_per_step(self) -> int:
         return self._tokens

@@ -7,25 +7,24 @@ chat JSONL corpus rendered with the chat template, packed like SFT data but with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
-
-from megatron.core import parallel_state
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
 
 from r1mega.config.schema import R1Config
 from r1mega.data.synthetic import synthetic_microbatches
 from r1mega.parallel.bootstrap import ParallelContext
+from r1mega.stages.base import BatchStage, ForwardStep
 from r1mega.stages.sft import SFTStage
 from r1mega.train.step import Batch, Trainer, forward_backward, lm_forward_step
 
 
-class PretrainStage:
+class PretrainStage(BatchStage):
     """Language-model loss on every token of a deterministic stream (its position is the step)."""
 
-    report_keys: Sequence[str] = ("lm_loss",)
+    report_keys: ClassVar[Sequence[str]] = ("lm_loss",)
 
     def __init__(self, cfg: R1Config, ctx: ParallelContext) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, ctx)
         self.corpus: SFTStage | None = None
         if cfg.data.source == "jsonl":
             self.corpus = SFTStage(cfg, ctx)
@@ -41,12 +40,12 @@ class PretrainStage:
             c.data.seq_length,
             c.model.vocab_size,
             c.data.seed,
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(),
+            self.ctx.dp_rank,
+            self.ctx.data_parallel_size,
             step,
         )
 
-    def forward_step(self) -> Callable:
+    def forward_step(self) -> ForwardStep:
         return self.corpus.forward_step() if self.corpus is not None else lm_forward_step
 
     def tokens_per_step(self) -> int:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.checkpoint.reward import load_reward_weights
 from r1mega.config.errors import ConfigError
@@ -32,6 +32,7 @@ from r1mega.data.sft import SFTSampler
 from r1mega.data.tokenizer import load_tokenizer, pad_token_id
 from r1mega.models.reward import build_reward_model
 from r1mega.parallel.bootstrap import ParallelContext
+from r1mega.stages.base import BatchStage, ForwardStep
 from r1mega.train.step import Batch, Trainer, forward_backward
 
 REPORT_KEYS = ("rm_loss", "rm_accuracy", "rm_margin")
@@ -66,16 +67,13 @@ def rm_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> t
     return values, partial(pair_loss, batch["last"])
 
 
-class RewardModelStage:
+class RewardModelStage(BatchStage):
     """Bradley-Terry training of ``RewardModel`` on preference pairs."""
 
-    report_keys: Sequence[str] = REPORT_KEYS
-    build_model = staticmethod(build_reward_model)
-    """The loop builds the trainer's model with this (a reward model, not a language model)."""
-    load_weights = staticmethod(load_reward_weights)
-    """The loop loads ``checkpoint.load`` with this (a policy checkpoint initialises the backbone)."""
+    report_keys: ClassVar[Sequence[str]] = REPORT_KEYS
 
     def __init__(self, cfg: R1Config, ctx: ParallelContext) -> None:
+        super().__init__(cfg, ctx)
         d, p = cfg.data, cfg.parallel
         if p.pipeline_model_parallel_size != 1:
             raise ConfigError(
@@ -87,7 +85,6 @@ class RewardModelStage:
             raise ConfigError(
                 "data.truncation", d.truncation, "drop for stage.name=reward_model (the score is read at the end)"
             )
-        self.cfg = cfg
         self.tokenizer = load_tokenizer(d.tokenizer)
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ConfigError(
@@ -100,7 +97,7 @@ class RewardModelStage:
         self.eval_pairs: list[TokenizedPair] = (
             tokenize_pairs(load(d.eval_path), self.tokenizer, d.seq_length) if d.eval_path else []
         )
-        self.dp_rank, self.dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.dp_rank, self.dp = ctx.dp_rank, ctx.data_parallel_size
         per_step = cfg.optim.global_batch_size
         if len(self.pairs) < per_step:
             raise ConfigError(
@@ -109,6 +106,14 @@ class RewardModelStage:
         self.sampler = SFTSampler(len(self.pairs), seed=d.seed, dp_rank=self.dp_rank, dp_size=self.dp)
         self.num_microbatches = per_step // (cfg.optim.micro_batch_size * self.dp)
         self._tokens = 0
+
+    def build_model(self, config: TransformerConfig) -> list[torch.nn.Module]:
+        """A reward model (the policy's backbone and a value head), not a language model."""
+        return build_reward_model(self.cfg, config)
+
+    def load_weights(self, chunks: list[torch.nn.Module], path: str) -> None:
+        """A reward-model checkpoint, or a policy checkpoint's backbone (the head then starts fresh)."""
+        load_reward_weights(chunks, path)
 
     def _batches(self, pairs: list[TokenizedPair], index_groups: list[list[int]]) -> Iterator[Batch]:
         for group in index_groups:
@@ -119,7 +124,7 @@ class RewardModelStage:
         self._tokens = self.dp * sum(len(ids) for g in groups for i in g for ids in self.pairs[i])
         return self._batches(self.pairs, groups)
 
-    def forward_step(self) -> Callable:
+    def forward_step(self) -> ForwardStep:
         return rm_forward_step
 
     def tokens_per_step(self) -> int:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from megatron.core import parallel_state
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
@@ -21,6 +20,7 @@ from r1mega.data.sft import PackedSequence, SFTSampler, load_sft_rows, make_batc
 from r1mega.data.tokenizer import load_tokenizer, pad_token_id
 from r1mega.models.builder import use_transformer_engine
 from r1mega.parallel.bootstrap import ParallelContext
+from r1mega.stages.base import BatchStage, ForwardStep
 from r1mega.train.step import Batch, Trainer, forward_backward, lm_loss
 from r1mega.utils.logging import get_logger
 
@@ -40,12 +40,13 @@ def sft_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> 
     return output, partial(lm_loss, batch["loss_mask"])
 
 
-class SFTStage:
+class SFTStage(BatchStage):
     """Masked next-token loss on assistant turns of chat data."""
 
-    report_keys: Sequence[str] = ("lm_loss",)
+    report_keys: ClassVar[Sequence[str]] = ("lm_loss",)
 
     def __init__(self, cfg: R1Config, ctx: ParallelContext) -> None:
+        super().__init__(cfg, ctx)
         d = cfg.data
         if d.packing and use_transformer_engine(cfg):
             raise ConfigError(
@@ -54,7 +55,6 @@ class SFTStage:
                 "false with Transformer Engine layers for now (TE's causal kernel ignores the "
                 "per-document mask; THD packed sequences are not wired yet)",
             )
-        self.cfg = cfg
         self.tokenizer = load_tokenizer(d.tokenizer)
         if len(self.tokenizer) > cfg.model.vocab_size:
             raise ConfigError(
@@ -71,7 +71,7 @@ class SFTStage:
         )
         self.rows: list[PackedSequence] = load(d.train_path, seed=d.seed)
         self.eval_rows: list[PackedSequence] = load(d.eval_path) if d.eval_path else []
-        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        dp_rank, dp = ctx.dp_rank, ctx.data_parallel_size
         per_step = cfg.optim.global_batch_size
         if len(self.rows) < per_step:
             raise ConfigError(
@@ -89,7 +89,7 @@ class SFTStage:
         groups = self.sampler.microbatches(self.cfg.optim.micro_batch_size, self.num_microbatches)
         return self._batches(self.rows, groups)
 
-    def forward_step(self) -> Callable:
+    def forward_step(self) -> ForwardStep:
         return sft_forward_step
 
     def tokens_per_step(self) -> int:

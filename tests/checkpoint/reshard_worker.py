@@ -24,7 +24,6 @@ from r1mega.data.synthetic import synthetic_batch
 from r1mega.loop import setup
 from r1mega.models.builder import unwrap
 from r1mega.parallel import bootstrap
-from r1mega.stages.pretrain import PretrainStage
 from r1mega.train.step import Trainer, train_step
 
 COMMON = [
@@ -59,8 +58,7 @@ def main(out: str, layout: str, src: str, overrides: list[str]) -> None:
     cfg = compose_config([*COMMON, f"parallel={layout}", *overrides])
     ctx = bootstrap.initialize(cfg)
     try:
-        trainer = setup(cfg, ctx)
-        stage = PretrainStage(cfg, ctx)
+        trainer, stage = setup(cfg, ctx)
         batch = synthetic_batch(2, cfg.data.seq_length, cfg.model.vocab_size, seed=4321)
         step = 0
         if src != "-":

@@ -35,7 +35,7 @@ def run(tp: int, sp: str, ctx: object | None) -> tuple[dict, object]:
     ctx = ctx or initialize(cfg)
     model_parallel_cuda_manual_seed(cfg.seed)  # the same weights for every layout (CPU initialisation)
     torch.manual_seed(cfg.seed)
-    trainer = setup(cfg, ctx)
+    trainer, _ = setup(cfg, ctx)
     g = torch.Generator().manual_seed(3)
     pairs = [tuple(torch.randint(10, 2000, (n,), generator=g).tolist() for n in ns) for ns in ((13, 9), (16, 11))]
     batch = make_pair_batch(pairs, pad_id=2, multiple_of=tp if sp == "true" else 1)

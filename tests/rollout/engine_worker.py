@@ -32,7 +32,7 @@ def main(out: str, model: str, layout: str) -> None:
         save_weights(chunks, init)
     else:
         load_weights(chunks, init)
-    engine = RolloutEngine(chunks, seed=7)
+    engine = RolloutEngine(chunks, seed=7, groups=ctx.groups)
     ep = cfg.parallel.expert_model_parallel_size
     mine = list(range(len(PROMPTS)))[rank::ep] if ep > 1 else list(range(len(PROMPTS)))
     prompts = [PROMPTS[i] for i in mine]

@@ -26,7 +26,6 @@ from r1mega.parallel.bootstrap import single_process
 from r1mega.rewards import RewardInput, RewardScorer
 from r1mega.rewards.reward_model import attach_reward_model
 from r1mega.stages.reward_model import RewardModelStage, bradley_terry, pair_loss
-from r1mega.train.step import train_step
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +83,10 @@ def test_training_beats_chance_and_the_reward_ranks_chosen_first(prefs: Path, tm
     steps = 20
     cfg = compose_config(rm_args(prefs, f"optim.train_steps={steps}", f"run_dir={tmp_path}"))
     with single_process(cfg) as ctx:
-        trainer = setup(cfg, ctx)
-        stage = RewardModelStage(cfg, ctx)
+        trainer, stage = setup(cfg, ctx)
+        assert isinstance(stage, RewardModelStage)
         before = stage.evaluate(trainer)
-        history = [
-            train_step(trainer, stage.batches(s), stage.forward_step(), keys=stage.report_keys) for s in range(steps)
-        ]
+        history = [stage.train_step(trainer, s) for s in range(steps)]
         after = stage.evaluate(trainer)
         print(f"held-out before {before}, after {steps} steps {after}")
         assert not any(m["skipped"] for m in history)
