@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -49,7 +50,7 @@ class Rule:
     output head): written on export, checked equal to ``hf[0]`` on import."""
 
 
-class HFAdapter:
+class HFAdapter(ABC):
     """Base class of the per-family adapters; subclasses list their ``Rule``s and translate configs."""
 
     family: ClassVar[str]
@@ -70,22 +71,23 @@ class HFAdapter:
             self.rules.update((r.name, r) for r in group)
 
     # ------------------------------------------------------------------ to be provided per family
+    @abstractmethod
     def _rule_groups(self) -> Iterator[list[Rule]]:
-        raise NotImplementedError
+        """The conversion rules, one list per layer group (embedding, each decoder layer, head, MTP)."""
 
     @classmethod
+    @abstractmethod
     def model_config(cls, hf: Mapping[str, Any], name: str) -> ModelConfig:
         """r1mega's ``ModelConfig`` for a Hugging Face ``config.json`` (as a dict)."""
-        raise NotImplementedError
 
     @classmethod
     def conventions(cls, hf: Mapping[str, Any]) -> dict[str, Any]:
         """Layout choices of a Hugging Face checkpoint that r1mega's model does not hold (constructor kwargs)."""
         return {}
 
+    @abstractmethod
     def hf_config(self) -> dict[str, Any]:
         """Keyword arguments of the family's ``transformers`` config class for this model."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ conversion
     def names(self) -> list[str]:

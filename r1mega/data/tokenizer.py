@@ -24,6 +24,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from r1mega.config.errors import ConfigError
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -103,6 +104,15 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     log.info(
         "Loaded tokenizer from %s: %d tokens, chat template: %s", path, len(tokenizer), bool(tokenizer.chat_template)
     )
+    return tokenizer
+
+
+def load_model_tokenizer(path: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """``load_tokenizer(path)`` for a model with ``vocab_size`` embedding rows; a larger tokenizer is a config error
+    (its extra ids would index past the embedding)."""
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > vocab_size:
+        raise ConfigError("model.vocab_size", vocab_size, f"at least the {len(tokenizer)} tokens of tokenizer {path}")
     return tokenizer
 
 

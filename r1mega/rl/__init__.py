@@ -10,9 +10,9 @@
 - ``config``: ``GRPOLossConfig``; ``objective``: ``compute_policy_objective`` combining the pieces.
 """
 
+from r1mega.config.schema import GRPOLossConfig
 from r1mega.rl.advantages import broadcast_advantages, compute_advantages, get_adv_estimator, register_adv_est
 from r1mega.rl.aggregation import aggregate_loss, get_loss_agg, local_normalizers, register_loss_agg
-from r1mega.rl.config import GRPOLossConfig
 from r1mega.rl.kl import apply_kl_to_rewards, get_kl_estimator, kl_penalty, kl_reward_penalty, register_kl_estimator
 from r1mega.rl.logits import entropy_from_logits, token_logprobs
 from r1mega.rl.objective import compute_policy_objective

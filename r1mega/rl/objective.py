@@ -13,8 +13,8 @@ from functools import partial
 
 from torch import Tensor
 
+from r1mega.config.schema import GRPOLossConfig
 from r1mega.rl.aggregation import Count, aggregate_loss
-from r1mega.rl.config import GRPOLossConfig
 from r1mega.rl.kl import kl_penalty
 from r1mega.rl.policy_loss import get_policy_loss
 

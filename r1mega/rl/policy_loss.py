@@ -28,7 +28,7 @@ from r1mega.rl.metrics import masked_mean, masked_stats
 from r1mega.rl.registry import Registry
 
 if TYPE_CHECKING:
-    from r1mega.rl.config import GRPOLossConfig
+    from r1mega.config.schema import GRPOLossConfig
 
 
 class PolicyLossOutput(NamedTuple):

@@ -24,7 +24,7 @@ from r1mega.checkpoint.manager import CheckpointError
 from r1mega.checkpoint.weights import load_weights
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
-from r1mega.data.tokenizer import THINK_END, THINK_START, load_tokenizer, pad_token_id
+from r1mega.data.tokenizer import THINK_END, THINK_START, load_model_tokenizer, pad_token_id
 from r1mega.models.builder import build_model
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.rollout import RolloutEngine, SamplingParams
@@ -97,11 +97,7 @@ class GenerationJob:
         if not cfg.data.tokenizer:
             raise ConfigError("data.tokenizer", None, "the tokenizer directory of the checkpoint's model")
         self.cfg, self.ctx = cfg, ctx
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(
-                "model.vocab_size", cfg.model.vocab_size, f"at least the tokenizer's {len(self.tokenizer)} tokens"
-            )
+        self.tokenizer = load_model_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
         self.chunks = load_policy(cfg, self.checkpoint)
         self.dp, self.dp_rank, self.dp_group = ctx.data_parallel_size, ctx.dp_rank, ctx.groups.dp
         self.reports = ctx.tp_rank == 0

@@ -26,7 +26,7 @@ from r1mega.checkpoint.weights import load_weights
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config, RewardConfig
 from r1mega.data.prompts import Prompt, PromptSampler, load_prompts, render_prompt
-from r1mega.data.tokenizer import load_tokenizer, pad_token_id
+from r1mega.data.tokenizer import load_model_tokenizer, pad_token_id
 from r1mega.eval.protocol import evaluate_prompts, summarize
 from r1mega.models.builder import build_model, unwrap
 from r1mega.models.forward import forward_logits
@@ -92,7 +92,7 @@ class GRPOStage(Stage):
                 f"{self.local_prompts * g.group_size} responses per rank and step",
             )
         self.num_microbatches = per_update // mbs
-        self.tokenizer = load_tokenizer(d.tokenizer)
+        self.tokenizer = load_model_tokenizer(d.tokenizer, cfg.model.vocab_size)
         self.pad_id = pad_token_id(self.tokenizer)
         self.prompts = load_prompts(d.train_path)
         self.eval_set = load_prompts(d.eval_path) if d.eval_path else []

@@ -29,7 +29,7 @@ from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
 from r1mega.data.preferences import TokenizedPair, make_pair_batch, read_preferences, tokenize_pairs
 from r1mega.data.sft import SFTSampler
-from r1mega.data.tokenizer import load_tokenizer, pad_token_id
+from r1mega.data.tokenizer import load_model_tokenizer, pad_token_id
 from r1mega.models.reward import build_reward_model
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.stages.base import BatchStage, ForwardStep
@@ -85,11 +85,7 @@ class RewardModelStage(BatchStage):
             raise ConfigError(
                 "data.truncation", d.truncation, "drop for stage.name=reward_model (the score is read at the end)"
             )
-        self.tokenizer = load_tokenizer(d.tokenizer)
-        if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(
-                "model.vocab_size", cfg.model.vocab_size, f"at least the tokenizer's {len(self.tokenizer)} tokens"
-            )
+        self.tokenizer = load_model_tokenizer(d.tokenizer, cfg.model.vocab_size)
         self.pad_id = pad_token_id(self.tokenizer)
         self.multiple_of = p.tensor_model_parallel_size if p.sequence_parallel else 1
         load = partial(read_preferences, skip_malformed=d.skip_malformed)

@@ -17,7 +17,7 @@ import torch
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
 from r1mega.data.sft import PackedSequence, SFTSampler, load_sft_rows, make_batch
-from r1mega.data.tokenizer import load_tokenizer, pad_token_id
+from r1mega.data.tokenizer import load_model_tokenizer, pad_token_id
 from r1mega.models.builder import use_transformer_engine
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.stages.base import BatchStage, ForwardStep
@@ -55,11 +55,7 @@ class SFTStage(BatchStage):
                 "false with Transformer Engine layers for now (TE's causal kernel ignores the "
                 "per-document mask; THD packed sequences are not wired yet)",
             )
-        self.tokenizer = load_tokenizer(d.tokenizer)
-        if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(
-                "model.vocab_size", cfg.model.vocab_size, f"at least the tokenizer's {len(self.tokenizer)} tokens"
-            )
+        self.tokenizer = load_model_tokenizer(d.tokenizer, cfg.model.vocab_size)
         self.pad_id = pad_token_id(self.tokenizer)
         load = partial(
             load_sft_rows,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from r1mega.config.errors import ConfigError
-from r1mega.rl.config import GRPOLossConfig
+from r1mega.config.schema import GRPOLossConfig
 
 
 def test_defaults_are_valid() -> None:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from r1mega.config.schema import GRPOLossConfig
 from r1mega.rl.aggregation import aggregate_loss, local_normalizers
-from r1mega.rl.config import GRPOLossConfig
 from r1mega.rl.kl import kl_penalty
 from r1mega.rl.objective import compute_policy_objective
 from r1mega.rl.policy_loss import get_policy_loss

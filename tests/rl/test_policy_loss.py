@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from r1mega.config.schema import GRPOLossConfig
 from r1mega.rl.aggregation import aggregate_loss
-from r1mega.rl.config import GRPOLossConfig
 from r1mega.rl.policy_loss import clipped_surrogate, get_policy_loss
 
 LN = math.log
