@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config
@@ -23,6 +24,8 @@ def to_typed(cfg: DictConfig) -> R1Config:
         return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
+    except MissingMandatoryValue as e:  # a required field (a model preset's sizes) that nothing set
+        raise ConfigError(e.full_key, None, "a value: the preset in use does not set it (see conf/)") from None
     except Exception as e:  # omegaconf wraps errors raised in __post_init__
         cause = e.__cause__ or e.__context__
         if isinstance(cause, ConfigError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omegaconf import MISSING
+
 from r1mega.config.checks import check_choice as _check_choice
 from r1mega.config.checks import check_positive as _check_positive
 from r1mega.config.errors import ConfigError
@@ -39,28 +41,36 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 FP8_BACKENDS = ("auto", "te", "torch")
 
 
+REQUIRED_MODEL_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+"""ModelConfig fields without a default."""
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of the model; one preset per file in ``conf/model/``."""
+    """Architecture of the model; one preset per file in ``conf/model/``.
+
+    The sizes (and the family) have no default: each preset states them. The MLA, yarn and MoE knobs default to
+    DeepSeek-V3's values and act only when that feature is switched on; the rest are megatron-core's defaults.
+    """
 
     name: str = "custom"
     """Preset name, used in logs and checkpoint metadata."""
-    family: str = "deepseek_v3"
-    """Model family in the registry: deepseek_v3 (MLA + MoE), qwen2 or llama (dense students)."""
-    num_layers: int = 2
-    """Number of transformer layers (not counting MTP layers)."""
-    hidden_size: int = 64
-    """Model width."""
-    ffn_hidden_size: int = 256
-    """Intermediate size of the dense (non-MoE) SwiGLU MLP."""
-    num_attention_heads: int = 4
-    """Attention heads."""
+    family: str = MISSING
+    """Model family in the registry: deepseek_v3 (MLA + MoE), qwen2 or llama (dense students). Required."""
+    num_layers: int = MISSING
+    """Number of transformer layers (not counting MTP layers). Required."""
+    hidden_size: int = MISSING
+    """Model width. Required."""
+    ffn_hidden_size: int = MISSING
+    """Intermediate size of the dense (non-MoE) SwiGLU MLP. Required."""
+    num_attention_heads: int = MISSING
+    """Attention heads. Required."""
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means one per attention head (MHA)."""
     kv_channels: int | None = None
     """Per-head dimension for standard attention; None means hidden_size / num_attention_heads."""
-    vocab_size: int = 512
-    """Tokenizer vocabulary size (before padding)."""
+    vocab_size: int = MISSING
+    """Tokenizer vocabulary size (before padding). Required."""
     make_vocab_size_divisible_by: int = 64
     """The embedding is padded to a multiple of this. Independent of TP so checkpoints reshard."""
     max_position_embeddings: int = 4096
@@ -138,6 +148,8 @@ class ModelConfig:
     """Weight of the MTP loss."""
 
     def __post_init__(self) -> None:
+        if any(getattr(self, key) == MISSING for key in REQUIRED_MODEL_FIELDS):
+            return  # the unfilled schema (R1Config's default); loading a config without a preset's sizes is refused
         _check_choice("model.family", self.family, FAMILIES)
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
             _check_positive(f"model.{key}", getattr(self, key))
@@ -389,6 +401,10 @@ class CheckpointConfig:
     on DP rank 0. (fully_sharded_model_space cannot be saved by megatron-core 0.16.1.)"""
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in the folder."""
+    verify: bool = True
+    """Check every file of a checkpoint against the size and CRC-32 its meta.json records before loading it
+    (resume and checkpoint.load; about 4 GB/s per rank, each rank its own shards). A damaged newest checkpoint
+    is skipped for the newest intact one; false loads without the check (checksums are always recorded)."""
 
     def __post_init__(self) -> None:
         _check_choice(

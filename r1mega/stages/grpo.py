@@ -409,18 +409,17 @@ class GRPOStage(Stage):
         return {f"eval/{k}": v for k, v in summarize([r for part in gathered for r in part]).items()}
 
     def state_dict(self) -> dict[str, Any]:
+        """Prompt sampler position, the rollout generator's state and the update shuffler's state."""
         return {
             "sampler": self.sampler.state_dict(),
-            "generator": self.engine.generator.get_state().tolist() if self.engine else None,
+            "generator": self.engine.generator.get_state().tolist(),
             "shuffle": list(self.shuffle.getstate()[1]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        if state.get("generator") is not None and self.engine is not None:
-            self.engine.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        if "shuffle" in state:
-            self.shuffle.setstate((3, tuple(state["shuffle"]), None))
+        self.engine.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8, device="cpu"))
+        self.shuffle.setstate((3, tuple(state["shuffle"]), None))
 
     def close(self) -> None:
         """Stop the verifier workers."""

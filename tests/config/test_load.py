@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
 from r1mega.config.errors import ConfigError
 from r1mega.config.load import available_options, compose_config
@@ -46,6 +47,36 @@ def test_every_yaml_composes_and_validates(group: str, preset: str) -> None:
     validate(cfg, accel=accel)
 
 
+def _repeated_defaults(node: DictConfig, schema: DictConfig, path: str) -> list[str]:
+    """Keys of a preset whose value equals the schema's default, as ``dotted.key=value``."""
+    found = []
+    for key, value in node.items():
+        if key == "defaults" or key not in schema:
+            continue
+        if OmegaConf.is_dict(value) and OmegaConf.is_dict(schema[key]):
+            found += _repeated_defaults(value, schema[key], f"{path}.{key}")
+        elif not OmegaConf.is_missing(schema, key) and value == schema[key]:
+            found.append(f"{path}.{key}={value}")
+    return found
+
+
+def test_presets_state_only_what_differs_from_the_schema() -> None:
+    """Defaults live in one place (the dataclass schema): a preset that repeats one would silently pin it."""
+    schema = OmegaConf.structured(R1Config)
+    repeated = [
+        f"conf/{group}/{preset}.yaml: {key}"
+        for group, preset in _all_presets()
+        for key in _repeated_defaults(OmegaConf.load(CONF / group / f"{preset}.yaml"), schema[group], group)
+    ]
+    assert not repeated, "these keys repeat the schema's default; delete them:\n" + "\n".join(repeated)
+
+
+def test_the_check_finds_a_repeated_default() -> None:
+    schema = OmegaConf.structured(R1Config)
+    preset = OmegaConf.create({"defaults": ["base"], "hidden_size": 8, "kv_lora_rank": 512, "mtp_num_layers": 1})
+    assert _repeated_defaults(preset, schema.model, "model") == ["model.kv_lora_rank=512"]
+
+
 @pytest.mark.parametrize("model", available_options("model"))
 def test_every_model_with_every_small_layout(model: str) -> None:
     for layout in ("single", "tp2", "pp2"):
@@ -73,6 +104,7 @@ WRONG = [
     (["model.num_layers=four"], "model.num_layers"),
     (["model=dsv3_huge"], "model"),
     (["model.family=gpt5"], "model.family"),
+    (["model.hidden_size=???"], "model.hidden_size"),  # a size no preset set: the schema has no default for it
     (["model.num_query_groups=3"], "model.num_query_groups"),
     (["model.moe_router_topk=9"], "model.moe_router_topk"),
     (["model.moe_router_group_topk=null"], "model.moe_router_group_topk"),

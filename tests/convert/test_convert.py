@@ -33,7 +33,16 @@ def test_hydra_values_and_model_overrides_compose_back() -> None:
         "'a b'",
     ]
     model = ModelConfig(
-        name="x", family="llama", num_query_groups=2, rope_scaling="llama3", norm_epsilon=9.999999747378752e-06
+        name="x",
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        vocab_size=512,
+        num_query_groups=2,
+        rope_scaling="llama3",
+        norm_epsilon=9.999999747378752e-06,
     )
     assert compose_config(model_overrides(model)).model == model
 
