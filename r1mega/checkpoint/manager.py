@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from r1mega.checkpoint import optimizer_state
+from r1mega.checkpoint.errors import CheckpointError  # raised here, imported from here by callers
 from r1mega.checkpoint.weights import sharded_model_state, sharding_metadata
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import unwrap
@@ -49,10 +50,6 @@ log = get_logger(__name__)
 FORMAT = "r1mega-ckpt/1"
 _PICKLED = (".metadata", "common.pt")
 """Files dist_checkpointing reads with pickle; their checksums are recorded in meta.json."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: says which folder and why."""
 
 
 def _step_name(step: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from r1mega.checkpoint.manager import CheckpointError
+from r1mega.checkpoint.errors import CheckpointError
 from r1mega.checkpoint.weights import sharded_model_state
 from r1mega.models.builder import unwrap
 from r1mega.models.reward import HEAD_PREFIX

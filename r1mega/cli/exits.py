@@ -39,7 +39,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "r1mega.data.sft:SFTDataError": ExitCode.USER_ERROR,
     "r1mega.data.prompts:PromptDataError": ExitCode.USER_ERROR,
     "r1mega.data.tokenizer:TokenizerError": ExitCode.USER_ERROR,
-    "r1mega.checkpoint.manager:CheckpointError": ExitCode.USER_ERROR,
+    "r1mega.checkpoint.errors:CheckpointError": ExitCode.USER_ERROR,
     "r1mega.convert.adapter:ConvertError": ExitCode.USER_ERROR,
     "r1mega.loop:NonFiniteError": ExitCode.NON_FINITE,
     "r1mega.convert.verify:VerificationError": ExitCode.VERIFY_FAILED,
