@@ -1,15 +1,17 @@
-"""Run r1mega-train as a subprocess (optionally crashing it) and compare checkpoints tensor by tensor."""
+"""Run r1mega-train as a subprocess (optionally crashing it) and compare checkpoints tensor by tensor.
+
+Processes start from the test zygote (``zygote.spawn``: a fork of a warm interpreter, not a fresh one)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from zygote import spawn
 
 
 def run_trainer(
@@ -23,21 +25,14 @@ def run_trainer(
         env["R1MEGA_KILL_AT"] = kill_at
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"train-{time.monotonic_ns()}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "r1mega.cli.train", *args, f"run_dir={run_dir}", *extra],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn(["-m", "r1mega.cli.train", *args, f"run_dir={run_dir}", *extra], env, log)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
         try:
-            proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     text = log.read_text()
     return subprocess.CompletedProcess(proc.args, proc.returncode, text, text)
 
@@ -64,16 +59,7 @@ def run_trainer_ranks(
         if kill_at:
             env["R1MEGA_KILL_AT"] = kill_at
         logs.append(run_dir / f"{module.rsplit('.', 1)[-1]}-rank{rank}-{time.monotonic_ns()}.log")
-        with open(logs[-1], "w") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", module, *args, f"run_dir={run_dir}", *extra],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        procs.append(spawn(["-m", module, *args, f"run_dir={run_dir}", *extra], env, logs[-1]))
     deadline = time.monotonic() + timeout
     codes = []
     for proc in procs:

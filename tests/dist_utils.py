@@ -1,16 +1,22 @@
-"""Run a script as N real processes over gloo, in fresh interpreters, with a timeout.
+"""Run a script as N real processes over gloo, with a timeout.
 
 megatron-core keeps MoE state on classes between models and a failed rank leaves its peers waiting in
-a collective forever, so every multi-process case gets fresh processes and a hard deadline.
+a collective forever, so every multi-process case gets new processes (forks of the test zygote, which has
+only imported modules: see ``zygote``) and a hard deadline.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
-import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from zygote import spawn
 
 
 def free_port() -> int:
@@ -38,27 +44,29 @@ def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float 
     Raises AssertionError with every rank's output if any rank fails or the deadline passes.
     """
     port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(rank_env(rank, world_size, port), PYTHONWARNINGS="ignore")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    outputs, failed = [], False
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            out += f"\n[timed out after {timeout}s]"
-            failed = True
-        failed |= proc.returncode != 0
-        outputs.append(out)
+    with tempfile.TemporaryDirectory(prefix="r1mega-ranks-") as tmp:
+        logs = [Path(tmp) / f"rank{rank}.log" for rank in range(world_size)]
+        procs = [
+            spawn([script, *args], dict(rank_env(rank, world_size, port), PYTHONWARNINGS="ignore"), logs[rank])
+            for rank in range(world_size)
+        ]
+        deadline = time.monotonic() + timeout
+        failed = False
+        for proc in procs:
+            try:
+                failed |= proc.wait(timeout=max(deadline - time.monotonic(), 1)) != 0
+            except subprocess.TimeoutExpired:
+                failed = True
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # a rank left waiting in a collective, or its helpers
+            except ProcessLookupError:
+                pass
+        outputs = [log.read_text() for log in logs]
     if failed:
-        joined = "\n".join(f"--- rank {i} ---\n{o[-4000:]}" for i, o in enumerate(outputs))
-        raise AssertionError(f"{script} failed:\n{joined}")
+        codes = [proc.returncode for proc in procs]
+        joined = "\n".join(
+            f"--- rank {i} (rc={c}) ---\n{o[-4000:]}" for i, (c, o) in enumerate(zip(codes, outputs, strict=True))
+        )
+        raise AssertionError(f"{script} failed (or passed its {timeout}s deadline):\n{joined}")
     return outputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import zygote
 from torch.utils.tensorboard import SummaryWriter
 
 from r1mega.pipeline.report import accuracy_table, read_scalars, write_report
@@ -66,17 +67,13 @@ def test_report_shows_what_transformers_generated_from_each_export(tmp_path):
 
 def test_report_plots_the_curves_a_real_run_logged(tmp_path):
     """Runs log ``<stage>/<metric>`` tags (MetricsWriter): the report must find them, not draw empty axes."""
-    import subprocess
-    import sys
 
     from r1mega.pipeline.report import curve_count
 
     run = tmp_path / "base"
     args = ["optim.train_steps=4", "optim.lr_warmup_steps=0", "data.seq_length=32", "logging.progress_bar=false",
             f"run_dir={run}"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True, timeout=300
-    )
+    proc = zygote.run(["-m", "r1mega.cli.train", *args], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     scalars = read_scalars(run / "tb")
     assert "pretrain/lm_loss" in scalars and "lm_loss" not in scalars  # what real runs write

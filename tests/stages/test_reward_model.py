@@ -9,12 +9,11 @@ import dataclasses
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.config.load import compose_config
@@ -157,9 +156,7 @@ def test_malformed_pairs_name_file_and_line(prefs: Path, tmp_path: Path) -> None
     lines[4] = json.dumps({"prompt": "2+2?", "chosen": "4"})
     bad.write_text("\n".join(lines) + "\n")
     args = rm_args(prefs, f"data.train_path={bad}", "optim.train_steps=1", f"run_dir={tmp_path}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True, timeout=300
-    )
+    proc = zygote.run(["-m", "r1mega.cli.train", *args], timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert f"{bad}:5: 'rejected' must be a string" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -4,12 +4,11 @@ malformed data fails with file:line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from generation_utils import sft_args
 
 from r1mega.config.load import compose_config
@@ -54,9 +53,7 @@ def test_packed_documents_do_not_see_each_other(model: str) -> None:
 @pytest.mark.slow
 def test_sft_cli_trains_evaluates_and_checkpoints_the_data_position(cold_start: Path, tmp_path: Path) -> None:
     args = sft_args(cold_start, tmp_path) + ["optim.train_steps=4", "stage.eval_interval=2"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True, timeout=400
-    )
+    proc = zygote.run(["-m", "r1mega.cli.train", *args], timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("eval_loss=") == 2
     meta = json.loads((tmp_path / "checkpoints" / "step_00000004" / "meta.json").read_text())
@@ -70,9 +67,7 @@ def test_malformed_jsonl_names_file_and_line(cold_start: Path, tmp_path: Path) -
     lines[3] = '{"prompt": "2+2?", "response": 4}'
     bad.write_text("\n".join(lines) + "\n")
     args = sft_args(cold_start, tmp_path) + [f"data.train_path={bad}", "optim.train_steps=1"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True, timeout=300
-    )
+    proc = zygote.run(["-m", "r1mega.cli.train", *args], timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert f"{bad}:4" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
