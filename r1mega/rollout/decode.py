@@ -58,10 +58,16 @@ class StepInputs:
     slots: Tensor | None = None
     """(s,) int64 cache slots of the new tokens on the model's device (the static step; ``start`` is then
     unused), or None to write at ``[start, start + s)``."""
+    row_slots: Tensor | None = None
+    """(b, s) int64 cache slots per row (the per-row step of continuous batching and speculative decoding,
+    where rows stand at different slots; ``start`` and ``slots`` are then unused)."""
 
     def write(self, cache: Tensor, dim: int, new: Tensor) -> None:
-        """Store ``new`` (the new tokens along ``dim``) in ``cache`` at this step's slots."""
-        if self.slots is not None:
+        """Store ``new`` (the new tokens along ``dim``; batch along dim 0) in ``cache`` at this step's slots."""
+        if self.row_slots is not None:
+            rows = torch.arange(new.shape[0], device=new.device)[:, None]  # (b, 1)
+            cache.movedim(dim, 1)[rows, self.row_slots] = new.movedim(dim, 1)  # (b, s, ...) into a view
+        elif self.slots is not None:
             cache.index_copy_(dim, self.slots, new)
         else:
             cache.narrow(dim, self.start, new.shape[dim]).copy_(new)
@@ -249,22 +255,60 @@ class CachedDecoder:
 
     # ---- the step ------------------------------------------------------------------------------------------
 
+    def _block(self, x: Tensor, layer: torch.nn.Module, step: StepInputs, cache: KVCache, i: int) -> Tensor:
+        """One transformer layer on ``x`` (s, b, hidden), against cache layer ``i``."""
+        h = layer.input_layernorm(x)
+        if self.mla:
+            x = x + self._mla(layer.self_attention, h, step, cache.latent[i])
+        else:
+            x = x + self._gqa(layer.self_attention, h, step, cache.keys[i], cache.values[i])
+        return x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
+
+    def _decode(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
+        """The decoder layers on ``ids`` (b, s): hidden states (s, b, hidden) before the final norm."""
+        x = self._embed(ids.t())  # (s, b, hidden)
+        for i, layer in enumerate(self.layers):
+            x = self._block(x, layer, step, cache, i)
+        return x
+
     def step(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """Run ``ids`` (b, s) at cache slots ``[start, start + s)``; full-vocab fp32 logits (b, V) of the
         last position of each row."""
-        x = self._embed(ids.t())  # (s, b, hidden)
-        for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            if self.mla:
-                x = x + self._mla(layer.self_attention, h, step, cache.latent[i])
-            else:
-                x = x + self._gqa(layer.self_attention, h, step, cache.keys[i], cache.values[i])
-            x = x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
-        h = self.model.decoder.final_layernorm(x[-1:])  # (1, b, hidden)
+        h = self.model.decoder.final_layernorm(self._decode(ids, step, cache)[-1:])  # (1, b, hidden)
+        return self.head(h)[:, 0]  # (b, V)
+
+    def hidden(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
+        """Final-normed hidden states (s, b, hidden) of every position of ``ids`` (b, s): what the output
+        layer and the MTP module read."""
+        return self.model.decoder.final_layernorm(self._decode(ids, step, cache))
+
+    def head(self, h: Tensor) -> Tensor:
+        """Full-vocab fp32 logits (b, s, V) of final-normed hidden states ``h`` (s, b, hidden)."""
         weight = (
             self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
         )
         logits = self._linear(self.model.output_layer, h, weight)
         if self.tp > 1:
             logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
-        return logits[0].float()  # (b, V)
+        return logits.transpose(0, 1).float()  # (b, s, V)
+
+    # ---- multi-token prediction ----------------------------------------------------------------------------
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the model has megatron-core MTP layers (DeepSeek-V3's multi-token prediction)."""
+        return getattr(self.model, "mtp", None) is not None and len(self.model.mtp.layers) > 0
+
+    def mtp_hidden(self, hidden: Tensor, next_ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
+        """The first MTP module on the main model's final-normed ``hidden`` (s, b, h) and the ids of the
+        tokens that follow each position, ``next_ids`` (b, s); its cache is layer ``len(self.layers)``.
+        Returns its final-normed hidden states (s, b, h), whose logits (``head``) predict the token after.
+
+        As in megatron-core's ``MultiTokenPredictionLayer``: ``eh_proj([enorm(embed(next)); hnorm(h)])``,
+        one transformer layer, the MTP module's final norm; the embedding and output head are the model's.
+        """
+        mtp = self.model.mtp.layers[0]
+        e = mtp.enorm(self._embed(next_ids.t()))  # (s, b, h)
+        x = self._linear(mtp.eh_proj, torch.cat([e, mtp.hnorm(hidden)], dim=-1))  # (s, b, h)
+        x = self._block(x, mtp.transformer_layer, step, cache, len(self.layers))
+        return mtp.final_layernorm(x)

@@ -13,6 +13,9 @@ which prompt a cache row belongs to) run as plain Python. On CUDA, dense models 
 as a CUDA graph (``graphs``; ``cuda_graphs`` chooses, auto by default), with batch buckets instead of
 exact compaction; everything else runs the step eagerly.
 
+``max_batch`` (continuous batching), per-sequence ``seeds`` and ``speculative`` (MTP drafts verified by the
+main model) switch to the per-row loop of ``scheduler``; without them the loop below runs, unchanged.
+
 Parallelism: every tensor-parallel rank runs the same prompts and gets the same tokens (sampled from the
 gathered logits, then broadcast from the group's first rank). Under expert parallelism each rank brings its
 own prompts (it is a data-parallel rank), and ranks keep stepping, on a dummy row once their own work is
@@ -40,6 +43,7 @@ from r1mega.rollout.decode import CachedDecoder, StepInputs
 from r1mega.rollout.graphs import GraphedDecoder, batch_bucket, graph_refusal, length_capacity
 from r1mega.rollout.kv_cache import KVCache
 from r1mega.rollout.sampling import SamplingParams, sample_tokens
+from r1mega.rollout.scheduler import RowScheduler
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -138,6 +142,12 @@ class RolloutEngine:
     it (None: a dense model on CUDA without tensor parallelism; see ``graphs.graph_refusal``). Graphs keep
     a KV cache on the device between calls; ``release`` frees it. ``groups``: the process groups of a model
     split by tensor or expert parallelism (``ParallelContext.groups``); None for a model on one process.
+
+    ``max_batch``: continuous batching, at most this many rows decode at once and finished rows are replaced
+    by waiting prompts (None: every prompt of a call in one batch). ``speculative``: the model's MTP module
+    drafts a token that the main model verifies in the next step's forward (exact sampling distribution; one
+    process, a model with ``mtp_num_layers``). Either one, or ``seeds`` given to ``generate``, runs the
+    per-row loop (``scheduler``), where every sequence draws from its own seed; it never uses CUDA graphs.
     """
 
     def __init__(
@@ -150,6 +160,8 @@ class RolloutEngine:
         pad_token_id: int = 0,
         cuda_graphs: bool | None = None,
         groups: ProcessGroupCollection | None = None,
+        max_batch: int | None = None,
+        speculative: bool = False,
     ) -> None:
         if len(chunks) != 1:
             raise ValueError("the rollout engine needs one model chunk per rank (no virtual pipeline stages)")
@@ -169,6 +181,19 @@ class RolloutEngine:
         self._tp_group, self._sync_group = rollout_groups(self.model.config, groups)
         self._tp = torch.distributed.get_world_size(self._tp_group) if self._tp_group is not None else 1
         self.cuda_graphs = self._choose_graphs(cuda_graphs)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be a positive number of rows (or None for no limit)")
+        self.max_batch, self.speculative = max_batch, speculative
+        if speculative:
+            self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if not self._decoder_for(1).has_mtp:
+            raise ValueError(
+                "speculative decoding drafts with the model's MTP module: use a model with mtp_num_layers >= 1"
+            )
+        if self._tp > 1 or self._sync_group is not None:
+            raise ValueError("speculative decoding runs on one process: use it with TP=1 and EP=1")
 
     def _choose_graphs(self, wanted: bool | None) -> bool:
         if wanted is False:
@@ -205,8 +230,16 @@ class RolloutEngine:
             raise ValueError("encode() needs the engine to be built with a tokenizer")
         return [self.tokenizer.encode(p + prefix, add_special_tokens=False) for p in prompts]
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """Sample one completion per prompt (token-id lists, chat template and prefix already applied)."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Sample one completion per prompt (token-id lists, chat template and prefix already applied).
+
+        ``seeds``: one per prompt (in [0, 2**62)) for the per-row loop, where a sequence's tokens depend only
+        on its prompt and seed; without them that loop draws them from the engine's generator."""
         params = params or SamplingParams()
         if not prompts:
             return []
@@ -214,10 +247,14 @@ class RolloutEngine:
             raise ValueError("every prompt needs at least one token")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine to be built with a tokenizer")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         with _eval_mode(self.model):
-            return self._generate([list(p) for p in prompts], params)
+            if seeds is None and self.max_batch is None and not self.speculative:
+                return self._generate([list(p) for p in prompts], params)
+            return self._generate_rows([list(p) for p in prompts], params, seeds)
 
     # ---- internals ------------------------------------------------------------------------------------
 
@@ -317,6 +354,24 @@ class RolloutEngine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _generate_rows(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int] | None
+    ) -> list[Completion]:
+        """The per-row loop (continuous batching, per-sequence seeds, speculative decoding)."""
+        if seeds is None:
+            drawn = torch.randint(0, 2**62, (len(prompts),), generator=self.generator, device=self.device)
+            seeds = drawn.tolist()
+        self.stats = GenerationStats(len(prompts), sum(map(len, prompts)), extra={"cuda_graphs": False})
+        rows = RowScheduler(self, prompts, params, list(seeds), self.max_batch, self.speculative)
+        self.stats.cache_bytes = rows.cache.nbytes
+        self.stats.cache_bytes_per_token = rows.cache.bytes_per_token()
+        tokens, logps, reasons = rows.run()
+        self.stats.generated_tokens = sum(map(len, tokens))
+        return [
+            Completion(p, t, lp, self._text(t, reason, params), reason)
+            for p, t, lp, reason in zip(prompts, tokens, logps, reasons, strict=True)
+        ]
 
     def _prefill(self, prompts: list[list[int]], max_len: int) -> tuple[_Batch, CachedDecoder, torch.Tensor]:
         """Left-pad the prompts into one batch, fill the cache; the batch state, the decoder and the logits

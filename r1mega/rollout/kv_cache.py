@@ -100,6 +100,15 @@ class KVCache:
         for t in self.tensors():
             t[: keep.numel()] = t.index_select(0, keep)
 
+    def put_rows(self, rows: Tensor, other: KVCache) -> None:
+        """Copy every row of ``other`` (same layers, at most as many slots) into rows ``rows`` (int64 indices)
+        of this cache, slots ``[0, other.max_len)``: how continuous batching installs newly prefilled prompts."""
+        width = other.max_len
+        for dst, src in zip(self.latent, other.latent, strict=True):
+            dst[:, :width].index_copy_(0, rows, src)  # (b, width, latent)
+        for dst, src in zip(self.keys + self.values, other.keys + other.values, strict=True):
+            dst[:, :, :width].index_copy_(0, rows, src)  # (b, groups, width, head_dim)
+
     def narrow(self, batch: int) -> KVCache:
         """A cache over the first ``batch`` rows, sharing this one's storage."""
         view = object.__new__(KVCache)

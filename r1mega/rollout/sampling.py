@@ -3,6 +3,12 @@
 The log-probability returned for each sampled token is taken under ``log_softmax(logits / T)`` (``T = 1``
 for greedy decoding), before top-k/top-p truncation: the same quantity a training forward computes from
 the same logits divided by the same temperature, which is what GRPO's importance ratio needs.
+
+Two ways to draw. ``sample_tokens`` draws the whole batch from one ``torch.Generator`` (the engine's default
+path), so a row's token depends on the rows drawn with it. The per-row functions (``row_uniforms``,
+``inverse_cdf``, ``speculative_accept``) draw each row from a counter-based hash of (sequence seed, token
+index, purpose): a sequence samples the same tokens whichever batch it runs in and whenever it enters it,
+which continuous batching and speculative decoding need (see ``scheduler``).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -88,3 +95,76 @@ def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
         probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0, 1, 2, 3
+"""What a per-row uniform is for: drawing a token from the model, drawing a draft token, the acceptance
+test of a draft, and the draw from the residual distribution after a rejected draft."""
+
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B
+"""A 32-bit hash multiplier below 2**31: int64 products of 32-bit values with it never overflow."""
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash of ``x`` (int64 values in [0, 2**32))."""
+    x = ((x ^ (x >> 16)) * _MIX) & _M32
+    x = ((x ^ (x >> 16)) * _MIX) & _M32
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: Tensor, counters: Tensor, stream: int) -> Tensor:
+    """Uniforms in [0, 1), one per row, a pure function of (seed, counter, stream) per row.
+
+    ``seeds``, ``counters``: (b,) int64 (seeds in [0, 2**62)); returns (b,) float64. Rows never share
+    state, so a row's uniform does not depend on the batch it is drawn in.
+    """
+    h = _mix32(torch.full_like(counters, stream + 0x9E3779B1) & _M32)
+    h = _mix32(h ^ (counters & _M32))
+    h = _mix32(h ^ (seeds & _M32))
+    h = _mix32(h ^ ((seeds >> 32) & _M32))
+    return h.double() / 2.0**32  # (b,)
+
+
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a token is drawn from: ``softmax(logits / T)`` restricted to the top-k / top-p set
+    and renormalised; one-hot at the argmax for greedy decoding. ``logits``: (b, V) -> (b, V) fp32."""
+    if params.greedy:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()  # (b, V)
+    return torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
+
+
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """One token per row drawn from ``probs`` (b, V), not necessarily normalised, with uniforms ``u`` (b,):
+    the first token whose cumulative probability exceeds ``u`` times the row's total. Tokens of probability 0
+    are never drawn. Returns (b,) int64."""
+    cdf = probs.double().cumsum(dim=-1)  # (b, V)
+    target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (b, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def logprob_of(logits: Tensor, tokens: Tensor, params: SamplingParams) -> Tensor:
+    """log p(token) under ``log_softmax(logits / T)`` (``T = 1`` for greedy), before top-k/top-p truncation:
+    what ``sample_tokens`` returns and a training forward computes. ``logits``: (b, V), ``tokens``: (b,)."""
+    scaled = logits if params.greedy else logits / params.temperature
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (b,)
+
+
+def speculative_accept(
+    p: Tensor, q: Tensor, draft: Tensor, u_accept: Tensor, u_residual: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023) for one drafted token per row.
+
+    ``p`` (b, V): the model's sampling distribution at the drafted position; ``q`` (b, V): the draft's, from
+    which ``draft`` (b,) was drawn. The draft is kept with probability ``min(1, p(d) / q(d))``; otherwise the
+    token is drawn from ``max(p - q, 0)`` (renormalised). Either way the token is distributed exactly as
+    ``p``. For one-hot (greedy) ``p`` and ``q`` this keeps the draft iff it is the argmax, else takes the
+    argmax. Returns (accepted (b,) bool, token (b,) int64).
+    """
+    p_d = p.gather(-1, draft[:, None]).squeeze(-1).double()  # (b,)
+    q_d = q.gather(-1, draft[:, None]).squeeze(-1).double()  # (b,) > 0: the draft was drawn from q
+    accepted = u_accept.to(p_d.device) * q_d < p_d  # u < p(d) / q(d) without dividing
+    residual = (p - q).clamp(min=0)  # (b, V)
+    empty = residual.sum(dim=-1, keepdim=True) <= 0  # p == q: a rejection cannot happen, any row works
+    residual = torch.where(empty, p, residual)
+    return accepted, torch.where(accepted, draft, inverse_cdf(residual, u_residual))

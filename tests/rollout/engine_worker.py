@@ -1,4 +1,5 @@
-"""One rank of a rollout run: greedy and seeded sampling from a fixed-seed tiny model; writes JSON.
+"""One rank of a rollout run: greedy and seeded sampling, and continuous batching, from a fixed-seed tiny model;
+writes JSON.
 
 Usage: engine_worker.py OUT_DIR MODEL LAYOUT. The single-process run saves its weights and every
 other layout loads them. Under expert parallelism each rank takes its own prompts (it is a
@@ -43,6 +44,11 @@ def main(out: str, model: str, layout: str) -> None:
     }.items():
         outs = engine.generate(prompts, params)
         result[name] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
+    # Continuous batching: two rows, per-sequence seeds; under EP ranks prefill at different steps.
+    rows = RolloutEngine(chunks, groups=ctx.groups, max_batch=2)
+    params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * rank * (ep > 1))
+    outs = rows.generate(prompts, params, seeds=[1000 + i for i in mine])
+    result["continuous"] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
     with open(os.path.join(out, f"{layout}-{model}-rank{rank}.json"), "w") as f:
         json.dump(result, f)
     del ctx

@@ -22,7 +22,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, model):
     ref = _read(tmp_path, "single", model, 0)
     for rank in range(2):
         got = _read(tmp_path, "tp2", model, rank)
-        for mode in ("greedy", "sampled"):  # same prompts and seed on both TP ranks: same tokens
+        for mode in ("greedy", "sampled", "continuous"):  # same prompts and seeds on both TP ranks: same tokens
             for i, (tokens, logprobs) in ref[mode].items():
                 assert got[mode][i][0] == tokens, (mode, i, rank)
                 assert got[mode][i][1] == pytest.approx(logprobs, abs=1e-4)
@@ -31,16 +31,19 @@ def test_tensor_parallel_matches_single_process(tmp_path, model):
 @pytest.mark.slow
 def test_expert_parallel_ranks_with_different_work_match_single_process(tmp_path):
     """Each EP rank samples its own prompts with its own length limit; ranks that finish first keep
-    serving the others' MoE exchanges (no hang), and every greedy completion equals the single run's."""
+    serving the others' MoE exchanges (no hang), and every greedy completion equals the single run's. With
+    continuous batching (ranks refilling rows at different steps), every sampled sequence equals the single
+    run's with the same seed."""
     run_ranks(WORKER, [str(tmp_path), "dsv3_tiny", "single"], world_size=1)
     run_ranks(WORKER, [str(tmp_path), "dsv3_tiny", "ep2"], world_size=2)
-    ref = _read(tmp_path, "single", "dsv3_tiny", 0)["greedy"]
-    seen = set()
-    for rank in range(2):
-        got = _read(tmp_path, "ep2", "dsv3_tiny", rank)["greedy"]
-        for i, (tokens, logprobs) in got.items():
-            assert len(tokens) == 10 - 3 * rank
-            assert tokens == ref[i][0][: len(tokens)]
-            assert logprobs == pytest.approx(ref[i][1][: len(tokens)], abs=1e-4)
-            seen.add(i)
-    assert seen == set(ref)
+    for mode in ("greedy", "continuous"):
+        ref = _read(tmp_path, "single", "dsv3_tiny", 0)[mode]
+        seen = set()
+        for rank in range(2):
+            got = _read(tmp_path, "ep2", "dsv3_tiny", rank)[mode]
+            for i, (tokens, logprobs) in got.items():
+                assert len(tokens) == 10 - 3 * rank
+                assert tokens == ref[i][0][: len(tokens)], (mode, i)
+                assert logprobs == pytest.approx(ref[i][1][: len(tokens)], abs=1e-4)
+                seen.add(i)
+        assert seen == set(ref)

@@ -1,11 +1,24 @@
-"""Top-k / top-p filtering and the sampled token's log-probability, against hand-computed values."""
+"""Top-k / top-p filtering, the sampled token's log-probability, the per-row sampler and the speculative-sampling
+rule, against hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from r1mega.rollout.sampling import SamplingParams, filter_logits, sample_tokens
+from r1mega.rollout.sampling import (
+    STREAM_ACCEPT,
+    STREAM_DRAFT,
+    STREAM_RESIDUAL,
+    STREAM_SAMPLE,
+    SamplingParams,
+    filter_logits,
+    inverse_cdf,
+    row_uniforms,
+    sample_tokens,
+    sampling_probs,
+    speculative_accept,
+)
 
 
 def _logits(probs):
@@ -53,3 +66,58 @@ def test_greedy_and_sampling_frequencies():
 def test_bad_params_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_row_uniforms_are_per_row_functions_of_seed_counter_and_stream():
+    seeds, counters = torch.tensor([1, 2, 2**40 + 1, 1]), torch.tensor([0, 0, 0, 5])
+    u = row_uniforms(seeds, counters, STREAM_SAMPLE)
+    assert u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
+    assert len(set(u.tolist())) == 4  # seed, high seed bits and counter all matter
+    alone = [row_uniforms(seeds[i : i + 1], counters[i : i + 1], STREAM_SAMPLE).item() for i in range(4)]
+    assert u.tolist() == alone  # no state shared between rows
+    assert (row_uniforms(seeds, counters, STREAM_DRAFT) != u).all()
+    many = row_uniforms(torch.full((20000,), 7), torch.arange(20000), STREAM_SAMPLE)
+    assert many.mean().item() == pytest.approx(0.5, abs=0.01) and many.std().item() == pytest.approx(12**-0.5, abs=0.01)
+
+
+def test_inverse_cdf_hand_values():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 2.0, 2.0]])  # second row unnormalised
+    assert inverse_cdf(probs, torch.tensor([0.49, 0.49])).tolist() == [0, 2]
+    assert inverse_cdf(probs, torch.tensor([0.5, 0.5])).tolist() == [2, 3]  # never the zero-probability token 1
+    assert inverse_cdf(probs, torch.tensor([0.99, 0.0])).tolist() == [3, 2]
+
+
+def test_sampling_probs_truncate_and_renormalise():
+    logits = _logits([0.5, 0.3, 0.15, 0.05])
+    probs = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert probs[0].tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])
+    assert sampling_probs(logits, SamplingParams(temperature=0))[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_speculative_accept_hand_values():
+    # p = [0.5, 0.5], q = [0.8, 0.2]. Draft 0: kept with probability p/q = 0.625, else the residual
+    # max(p - q, 0) = [0, 0.3] gives token 1. Draft 1: p/q > 1, always kept.
+    p, q = torch.tensor([[0.5, 0.5]]).expand(3, 2), torch.tensor([[0.8, 0.2]]).expand(3, 2)
+    accepted, tokens = speculative_accept(
+        p, q, torch.tensor([0, 0, 1]), torch.tensor([0.62, 0.63, 0.99]), torch.tensor([0.5, 0.5, 0.5])
+    )
+    assert accepted.tolist() == [True, False, True] and tokens.tolist() == [0, 1, 1]
+    # Greedy (one-hot) distributions: the draft is kept iff it is the argmax, else the argmax is taken.
+    hot = torch.eye(3)
+    accepted, tokens = speculative_accept(
+        hot[[2, 2]], hot[[2, 0]], torch.tensor([2, 0]), torch.zeros(2), torch.zeros(2)
+    )
+    assert accepted.tolist() == [True, False] and tokens.tolist() == [2, 2]
+
+
+def test_speculative_accept_samples_the_target_distribution():
+    """Drafts from a poor q, kept or replaced by the rule: the tokens follow p (20,000 draws)."""
+    n = 20000
+    p, q = torch.tensor([[0.6, 0.3, 0.1]]).expand(n, 3), torch.tensor([[0.1, 0.2, 0.7]]).expand(n, 3)
+    seeds, counters = torch.full((n,), 3), torch.arange(n)
+    draft = inverse_cdf(q, row_uniforms(seeds, counters, STREAM_DRAFT))
+    u_a, u_r = row_uniforms(seeds, counters, STREAM_ACCEPT), row_uniforms(seeds, counters, STREAM_RESIDUAL)
+    accepted, tokens = speculative_accept(p, q, draft, u_a, u_r)
+    freq = torch.bincount(tokens, minlength=3).float() / n
+    assert freq.tolist() == pytest.approx([0.6, 0.3, 0.1], abs=0.015)
+    assert accepted.float().mean().item() == pytest.approx(0.1 + 0.2 + 0.1, abs=0.015)  # sum of min(p, q)
