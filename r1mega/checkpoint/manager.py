@@ -7,11 +7,14 @@ On disk::
     <dir>/latest             the name of the newest complete checkpoint, replaced atomically
     <dir>/.tmp_step_00000050 a checkpoint being written; never loaded, removed at the next start
 
-Every rank writes into the temporary folder; after a barrier rank 0 writes ``meta.json`` (with checksums
-of the pickled metadata files), renames the folder to its final name (atomic on POSIX) and then
-replaces ``latest``. A kill at any moment leaves the previous complete checkpoint as the newest one.
-Loading trusts only folders with a valid ``meta.json`` whose checksums match, uses ``weights_only``
-unpickling for r1mega's own files, and reshards across TP/PP/EP layouts through dist_checkpointing.
+Every rank writes into the temporary folder; after a barrier the ranks checksum the files
+(``r1mega.checkpoint.integrity``: size and CRC-32 of every file, each rank its own shards), rank 0 writes
+``meta.json`` with them, renames the folder to its final name (atomic on POSIX) and then replaces
+``latest``. A kill at any moment leaves the previous complete checkpoint as the newest one.
+Loading trusts only folders with a valid ``meta.json`` whose checksums match (``checkpoint.verify``): a
+damaged newest checkpoint is skipped with one warning naming the file, and the run resumes from the newest
+intact one. It uses ``weights_only`` unpickling for r1mega's own files, and reshards across TP/PP/EP layouts
+through dist_checkpointing.
 
 The optimizer state reshards too (``r1mega.checkpoint.optimizer_state``), including between EP=1 and
 EP>1, and the distributed optimizer (ZeRO-1) resumes bit-identically. Its ``fully_reshardable`` format
@@ -27,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,9 +40,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from r1mega.checkpoint import optimizer_state
+from r1mega.checkpoint import integrity, optimizer_state
 from r1mega.checkpoint.errors import CheckpointError  # raised here, imported from here by callers
-from r1mega.checkpoint.weights import sharded_model_state, sharding_metadata
+from r1mega.checkpoint.weights import check_shapes, sharded_model_state, sharding_metadata
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import unwrap
 from r1mega.train.step import Trainer
@@ -104,6 +108,8 @@ class CheckpointManager:
         self.dir = Path(directory or cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
         self.keep_last = cfg.checkpoint.keep_last
         self.rank = dist.get_rank()
+        self._verified: set[Path] = set()
+        """Checkpoints this manager saved or verified: not checked again (the run's last save, resume then load)."""
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             for leftover in self.dir.glob(".tmp_step_*"):  # half-written by a killed run
@@ -117,15 +123,42 @@ class CheckpointManager:
         found = [p for p in self.dir.glob("step_*") if (p / "meta.json").is_file()]
         return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint: ``latest`` if it names one, else the highest step (local)."""
+    def _candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first, the one ``latest`` names at the front (local)."""
+        done = self.complete()[::-1]
         pointer = self.dir / "latest"
         if pointer.is_file():
-            candidate = self.dir / pointer.read_text().strip()
-            if (candidate / "meta.json").is_file():
-                return candidate
-        done = self.complete()
-        return done[-1] if done else None
+            named = self.dir / pointer.read_text().strip()
+            if named in done:
+                done.remove(named)
+                done.insert(0, named)
+        return done
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint that passes ``verify`` (collective): ``latest`` if it names one, else
+        the highest step; None when there is none.
+
+        A damaged one is skipped with one warning naming the file and the next older one is tried; when every
+        one is damaged, raises ``CheckpointError`` naming the newest's file. Rank 0's listing is used on every
+        rank, and ``verify`` gives every rank the same verdict, so all ranks pick the same checkpoint.
+        """
+        names = integrity.from_rank0([p.name for p in self._candidates()] if self.rank == 0 else [])
+        damaged: list[str] = []
+        for path in (self.dir / name for name in names):
+            try:
+                self.verify(path)
+                return path
+            except CheckpointError as e:
+                damaged.append(str(e))
+                if self.rank == 0:
+                    log.warning("damaged checkpoint, not resuming from it: %s", e)
+        if damaged:
+            older = f" (the {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""
+            raise CheckpointError(
+                f"no intact checkpoint to resume from in {self.dir}: {damaged[0]}{older}. Restore the file, move "
+                "the damaged checkpoints away, or start over with checkpoint.resume=false"
+            )
+        return None
 
     # ---------------------------------------------------------------- saving
     def _state(self, trainer: Trainer, loading: bool, optimizer_metadata: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +182,9 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rank_{self.rank:05d}.pt")
         kill_point("checkpoint_write", step)
         dist.barrier()
+        start = time.perf_counter()
+        files = integrity.record(tmp)  # collective: each rank its own files
+        hashed = time.perf_counter() - start
         if self.rank == 0:
             meta = {
                 "format": FORMAT,
@@ -159,6 +195,7 @@ class CheckpointManager:
                 "optimizer_metadata": optimizer_metadata,
                 "adam_step": optimizer_state.adam_step(trainer.optimizer),
                 "sha256": {name: _sha256(tmp / name) for name in _PICKLED if (tmp / name).exists()},
+                "files": files,
             }
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=1, default=str)
@@ -175,7 +212,9 @@ class CheckpointManager:
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
-        log.info("saved checkpoint %s", final)
+        self._verified.add(final)
+        size = sum(entry["bytes"] for entry in files.values()) / 1e9
+        log.info("saved checkpoint %s (%d files, %.2f GB; checksums %.2f s)", final, len(files), size, hashed)
         return final
 
     # ---------------------------------------------------------------- loading
@@ -223,15 +262,38 @@ class CheckpointManager:
                     f"{weights_only}"
                 )
 
+    def verify(self, path: Path) -> dict[str, Any]:
+        """``meta.json`` of ``path`` once it is trusted (collective; raises ``CheckpointError`` on every rank).
+
+        ``read_meta`` on every rank, then, with ``checkpoint.verify``, the size and CRC-32 of every file it lists
+        (``integrity.verify``: each rank its share; a checkpoint without the list loads with a warning).
+        """
+        meta: dict[str, Any] = {}
+        try:
+            meta, problem = self.read_meta(path), None
+        except CheckpointError as e:
+            problem = str(e)
+        problem = integrity.first(problem)  # every rank raises, or none
+        if problem is not None:
+            raise CheckpointError(problem)
+        if self.cfg.checkpoint.verify and path not in self._verified:
+            integrity.verify(path, meta.get("files"))
+            self._verified.add(path)
+        return meta
+
     def load(self, path: Path, trainer: Trainer) -> tuple[int, dict[str, Any]]:
-        """Restore model, optimizer, scheduler and (same world size) RNG; returns (step, stage state)."""
-        meta = self.read_meta(path)
+        """Restore model, optimizer, scheduler and (same world size) RNG; returns (step, stage state).
+
+        Nothing is read before ``verify`` passes (the files) and ``check_shapes`` (this model's tensors).
+        """
+        meta = self.verify(path)
         self.check_optimizer_layout(path, meta)
         optimizer_state.init_optimizer_state(trainer.optimizer)
         # Checkpoints from before meta.json recorded these options were saved with the format alone.
         optimizer_metadata = meta.get("optimizer_metadata") or {
             "distrib_optim_sharding_type": meta["config"]["checkpoint"]["optimizer_format"]
         }
+        check_shapes(sharded_model_state(trainer.model), str(path))
         state = self._state(trainer, True, optimizer_metadata)
         skeleton = optimizer_state.skeleton(state["optimizer"])
         loaded = dist_checkpointing.load(state, str(path))

@@ -403,8 +403,9 @@ class CheckpointConfig:
     """Resume automatically from the newest complete checkpoint in the folder."""
     verify: bool = True
     """Check every file of a checkpoint against the size and CRC-32 its meta.json records before loading it
-    (resume and checkpoint.load; about 4 GB/s per rank, each rank its own shards). A damaged newest checkpoint
-    is skipped for the newest intact one; false loads without the check (checksums are always recorded)."""
+    (resume and checkpoint.load; about one more read of the checkpoint, each rank its own shards). A damaged
+    newest checkpoint is skipped for the newest intact one; damaged checkpoint.load weights exit with status 2.
+    false resumes without the check (checkpoint.load is still checked; saves record the checksums either way)."""
 
     def __post_init__(self) -> None:
         _check_choice(
