@@ -19,6 +19,7 @@ ADV_ESTIMATOR_NAMES = ("dr_grpo", "grpo", "grpo_batch_norm", "rloo")
 POLICY_LOSS_NAMES = ("gspo", "ppo")
 LOSS_AGG_NAMES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-mean")
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3", "low_var_kl")
+ROLLOUT_CORRECTION_NAMES = ("tis", "tis_seq")
 _LOSS = "grpo.loss"
 
 
@@ -61,6 +62,15 @@ class GRPOLossConfig:
     """Weight of the entropy bonus: the loss gets - entropy_coef * aggregated entropy. 0 turns it off."""
     max_response_length: int | None = None
     """Constant normaliser of seq-mean-token-sum-norm (set it to the generation limit); None for other modes."""
+    rollout_correction: str | None = None
+    """Correct the rollout/trainer mismatch (the engine's log-probabilities differ from the trainer's for the
+    same weights, mostly in bf16): None uses the engine's log-probabilities as the old policy (the default);
+    tis recomputes the old policy's log-probabilities with the trainer before the updates (the PPO ratio's
+    denominator) and weights each token's policy loss by min(pi_old / pi_rollout, rollout_is_cap) (truncated
+    importance sampling, Yao et al. 2025); tis_seq uses one weight per sequence, the product of its tokens'
+    ratios truncated at rollout_is_cap. Costs one extra forward over the rollout batch per step."""
+    rollout_is_cap: float = 2.0
+    """The truncation C of rollout_correction's importance weights (verl's default 2)."""
 
     def __post_init__(self) -> None:
         _check_choice(f"{_LOSS}.adv_estimator", self.adv_estimator, ADV_ESTIMATOR_NAMES)
@@ -77,6 +87,9 @@ class GRPOLossConfig:
         _check_loss_at_least("entropy_coef", self.entropy_coef, 0.0)
         if self.max_response_length is not None and self.max_response_length <= 0:
             raise ConfigError(f"{_LOSS}.max_response_length", self.max_response_length, "None or a positive int")
+        if self.rollout_correction is not None:
+            _check_choice(f"{_LOSS}.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTION_NAMES)
+        _check_loss_at_least("rollout_is_cap", self.rollout_is_cap, 1.0)
         if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.max_response_length is None:
             raise ConfigError(
                 f"{_LOSS}.max_response_length",
@@ -118,6 +131,16 @@ class GRPOConfig:
     """Sampling rounds per step with dynamic sampling; after the last, zero-variance groups fill the batch."""
     overlong_filter: bool = False
     """DAPO's overlong filtering: responses cut by the length limit carry no loss."""
+    rollout_batch: int | None = None
+    """Continuous batching in the rollout: at most this many responses decode at once, and a finished one is
+    replaced by a waiting one, so the batch stays full (None: all of a step's responses in one batch, which
+    shrinks as they finish). Each response is then drawn from its own seed (taken from the sampler), so the
+    samples differ from the default path's: off by default to keep runs bit-identical to earlier ones."""
+    speculative: bool = False
+    """MTP speculative decoding in the rollout: the model's multi-token-prediction module drafts a token that
+    the policy verifies in its next forward, with the exact acceptance rule (samples keep the policy's
+    distribution; log-probabilities are the policy's). Needs model.mtp_num_layers >= 1 and TP = EP = 1. RL
+    does not train MTP, so acceptance falls as the policy moves away from the weights MTP learned with."""
     eval_samples: int = 4
     """Samples per held-out prompt in evaluation (pass@1 is averaged over them; cons@k votes over them)."""
     eval_prompts: int = 0
@@ -137,6 +160,7 @@ class GRPOConfig:
         _check_positive("grpo.max_sampling_rounds", self.max_sampling_rounds)
         _check_positive("grpo.eval_samples", self.eval_samples)
         _check_positive("grpo.eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
+        _check_positive("grpo.rollout_batch", self.rollout_batch, allow_none=True)
         if self.eval_prompts < 0:
             raise ConfigError("grpo.eval_prompts", self.eval_prompts, "0 (all) or more")
         for key in ("temperature", "eval_temperature"):

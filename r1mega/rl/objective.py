@@ -4,7 +4,8 @@
 mode (and one set of global normalisers) for all three terms. The KL term is left out when
 ``kl_coef == 0`` or when the KL goes into the reward instead (``kl_in_reward``); the entropy term when
 ``entropy_coef == 0``. Each piece stays callable on its own (``r1mega.rl.policy_loss``, ``.aggregation``,
-``.kl``, ``.logits``).
+``.kl``, ``.logits``). With ``rollout_correction`` set, the per-token policy loss is first weighted by the
+registered rollout correction's truncated importance weights (``r1mega.rl.rollout_correction``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from r1mega.config.schema import GRPOLossConfig
 from r1mega.rl.aggregation import Count, aggregate_loss
 from r1mega.rl.kl import kl_penalty
 from r1mega.rl.policy_loss import get_policy_loss
+from r1mega.rl.rollout_correction import get_rollout_correction
 
 
 def compute_policy_objective(
@@ -30,6 +32,7 @@ def compute_policy_objective(
     entropy: Tensor | None = None,
     global_tokens: Count = None,
     global_seqs: Count = None,
+    rollout_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar GRPO loss to minimise and detached scalar metrics.
 
@@ -37,6 +40,8 @@ def compute_policy_objective(
     is ``(b,)`` or ``(b, t)``. ``ref_logp`` is needed when the KL term is on; ``entropy`` (from
     :func:`r1mega.rl.logits.entropy_from_logits`) when ``entropy_coef > 0``, and is reported when given.
     ``global_tokens`` / ``global_seqs`` are the big batch's normalisers (see :mod:`r1mega.rl.aggregation`).
+    ``rollout_logp`` (b, t): the sampler's log-probabilities, needed when ``config.rollout_correction`` is set
+    (``old_logp`` is then the trainer's recomputation).
 
     Metrics: the policy loss's own (clip fractions, ``ppo_kl``, ratio stats) plus ``pg_loss``,
     ``kl_loss`` (when the KL term is on), ``entropy`` (when given) and ``loss``.
@@ -50,9 +55,20 @@ def compute_policy_objective(
         max_response_length=config.max_response_length,
     )
     policy = get_policy_loss(config.policy_loss)(logp, old_logp, advantages, mask, config)
-    pg_loss = agg(policy.loss)
-    total = pg_loss
     metrics = dict(policy.metrics)
+    policy_loss = policy.loss
+    if config.rollout_correction is not None:
+        if rollout_logp is None:
+            raise ValueError(
+                f"grpo.loss.rollout_correction={config.rollout_correction} weights the loss by pi_old / pi_rollout, "
+                "which needs rollout_logp (the sampler's log-probabilities); pass it or set rollout_correction=null"
+            )
+        correction = get_rollout_correction(config.rollout_correction)
+        weights, extra = correction(old_logp, rollout_logp, mask, config.rollout_is_cap)
+        policy_loss = policy_loss * weights  # (b, t)
+        metrics.update(extra)
+    pg_loss = agg(policy_loss)
+    total = pg_loss
     metrics["pg_loss"] = pg_loss.detach()
 
     if config.kl_coef > 0 and not config.kl_in_reward:

@@ -40,6 +40,8 @@ def test_recipes_are_valid() -> None:
         ("kl_coef", -0.001, ">= 0"),
         ("entropy_coef", -1.0, ">= 0"),
         ("max_response_length", 0, "positive int"),
+        ("rollout_correction", "is", "one of tis, tis_seq"),
+        ("rollout_is_cap", 0.5, ">= 1"),
     ],
 )
 def test_bad_values_raise_config_error(field: str, value: object, valid: str) -> None:
@@ -59,12 +61,15 @@ def test_sum_norm_needs_max_response_length() -> None:
 def test_schema_names_are_the_registries() -> None:
     """The schema validates names without importing torch; they must be exactly what r1mega.rl registers."""
     from r1mega.config import schema
+    from r1mega.config.schema_rl import ROLLOUT_CORRECTION_NAMES
     from r1mega.rl.advantages import ADV_ESTIMATORS
     from r1mega.rl.aggregation import LOSS_AGG_MODES
     from r1mega.rl.kl import KL_ESTIMATORS
     from r1mega.rl.policy_loss import POLICY_LOSSES
+    from r1mega.rl.rollout_correction import ROLLOUT_CORRECTIONS
 
     assert list(schema.ADV_ESTIMATOR_NAMES) == sorted(ADV_ESTIMATORS.names())
     assert list(schema.POLICY_LOSS_NAMES) == sorted(POLICY_LOSSES.names())
     assert list(schema.LOSS_AGG_NAMES) == sorted(LOSS_AGG_MODES.names())
     assert list(schema.KL_ESTIMATOR_NAMES) == sorted(KL_ESTIMATORS.names())
+    assert list(ROLLOUT_CORRECTION_NAMES) == sorted(ROLLOUT_CORRECTIONS.names())
