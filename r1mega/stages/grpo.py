@@ -47,6 +47,8 @@ SHARE_KEYS = ("loss", "pg_loss", "kl_loss", "entropy")
 """Objective terms already normalised over the whole batch: reported as sums over micro-batches."""
 TOKEN_KEYS = ("pg_clipfrac_low", "pg_clipfrac_high", "ppo_kl")
 """Per-token means of each micro-batch: reported weighted by its tokens."""
+CORRECTION_KEYS = ("rollout_is_mean", "rollout_is_clipfrac", "rollout_logp_gap")
+"""Per-token means reported (like ``TOKEN_KEYS``) when ``grpo.loss.rollout_correction`` is on."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Sample:
     values: dict[str, float] = field(default_factory=dict)
     advantage: float = 0.0
     ref_logprobs: list[float] | None = None
+    old_logprobs: list[float] | None = None
+    """The trainer's log-probabilities of the response before the updates (only with a rollout correction)."""
     trained: bool = True
     """False for responses excluded from the loss (overlong filtering)."""
 
@@ -121,6 +125,8 @@ class GRPOStage(Stage):
             seed=self.cfg.data.seed + 7919 * self.dp_rank,
             pad_token_id=self.pad_id,
             groups=self.ctx.groups,
+            max_batch=self.g.rollout_batch,
+            speculative=self.g.speculative,
         )
         loss = self.g.loss
         if loss.kl_coef > 0:  # the reference: the starting weights (checkpoint.load, else this initialisation)
@@ -221,7 +227,9 @@ class GRPOStage(Stage):
     # ---- training batches ---------------------------------------------------------------------------
 
     def _batch(self, samples: Sequence[Sample], with_ref: bool) -> Batch:
-        """A micro-batch: prompt + response rows, right-padded; old log-probs aligned with the labels."""
+        """A micro-batch: prompt + response rows, right-padded; old log-probs aligned with the labels (the
+        trainer's, and the sampler's as ``rollout_logp``, with a rollout correction)."""
+        correct = self.g.loss.rollout_correction is not None
         seqs = [s.prompt_ids + s.completion.token_ids for s in samples]
         width = -(-max(map(len, seqs)) // self.tp) * self.tp  # sequence parallelism splits rows over TP ranks
         b = len(samples)
@@ -230,12 +238,14 @@ class GRPOStage(Stage):
         mask = torch.zeros(b, width)
         old = torch.zeros(b, width)
         ref = torch.zeros(b, width)
+        rollout = torch.zeros(b, width)
         for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
             tokens[i, : len(seq)] = torch.tensor(seq)
             labels[i, : len(seq) - 1] = torch.tensor(seq[1:])
             start, n = len(s.prompt_ids) - 1, len(s.completion.token_ids)  # label positions of the response
             mask[i, start : start + n] = float(s.trained)
-            old[i, start : start + n] = torch.tensor(s.completion.logprobs)
+            old[i, start : start + n] = torch.tensor(s.old_logprobs or s.completion.logprobs)  # trainer's if set
+            rollout[i, start : start + n] = torch.tensor(s.completion.logprobs)
             if with_ref and s.ref_logprobs is not None:
                 ref[i, start : start + n] = torch.tensor(s.ref_logprobs)
         batch = {
@@ -248,25 +258,34 @@ class GRPOStage(Stage):
         }
         if with_ref:
             batch["ref_logp"] = ref
+        if correct:
+            batch["rollout_logp"] = rollout
         return batch
 
     def _reference_logprobs(self, samples: Sequence[Sample]) -> None:
+        for s, logprobs in zip(samples, self._logprobs(self.ref[0], samples), strict=True):
+            s.ref_logprobs = logprobs
+
+    def _logprobs(self, model: torch.nn.Module, samples: Sequence[Sample]) -> list[list[float]]:
+        """``model``'s log-probabilities of each sample's response tokens (no gradients)."""
         mbs = self.cfg.optim.micro_batch_size
         rows: list[torch.Tensor] = []  # per sample, on the device until one read at the end
         with torch.no_grad():
             for i in range(0, len(samples), mbs):
                 chunk = samples[i : i + mbs]
                 b = to_device(self._batch(chunk, with_ref=False))
-                logits = forward_logits(self.ref[0], b["tokens"], b["position_ids"])
+                logits = forward_logits(model, b["tokens"], b["position_ids"])
                 logp = token_logprobs(self._valid_vocab(logits.float()), b["labels"], temperature=self.g.temperature)
                 for s, row in zip(chunk, logp, strict=True):
                     start = len(s.prompt_ids) - 1
                     rows.append(row[start : start + len(s.completion.token_ids)])
         flat = torch.cat(rows).tolist() if rows else []
-        offset = 0
+        out, offset = [], 0
         for s in samples:
             n = len(s.completion.token_ids)
-            s.ref_logprobs, offset = flat[offset : offset + n], offset + n
+            out.append(flat[offset : offset + n])
+            offset += n
+        return out
 
     def _valid_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with the padded vocabulary rows beyond the tokenizer masked, as the rollout engine samples."""
@@ -297,6 +316,7 @@ class GRPOStage(Stage):
             entropy=entropy,
             global_tokens=tokens,
             global_seqs=seqs,
+            rollout_logp=batch.get("rollout_logp"),
         )
         # megatron divides by the micro-batch count and data-parallel averaging divides by dp: undo both, so
         # gradients are those of the whole batch's loss.
@@ -304,7 +324,8 @@ class GRPOStage(Stage):
         ntok = mask.sum()
         share = torch.tensor(1.0 / scale, device=ntok.device)
         report = {k: torch.stack([metrics[k].float(), share]) for k in SHARE_KEYS if k in metrics}
-        report.update({k: torch.stack([metrics[k].float() * ntok, ntok]) for k in TOKEN_KEYS if k in metrics})
+        token_keys = (*TOKEN_KEYS, *CORRECTION_KEYS)
+        report.update({k: torch.stack([metrics[k].float() * ntok, ntok]) for k in token_keys if k in metrics})
         return loss * scale, torch.ones((), dtype=torch.int, device=ntok.device), report
 
     def _update(self, trainer: Trainer, samples: list[Sample]) -> dict[str, float]:
@@ -320,9 +341,8 @@ class GRPOStage(Stage):
         mbs = self.cfg.optim.micro_batch_size
         with_ref = self.ref is not None and not self.g.loss.kl_in_reward
         batches = (self._batch(samples[i : i + mbs], with_ref) for i in range(0, len(samples), mbs))
-        return train_step(
-            trainer, batches, self._forward_step, keys=self.report_keys, num_microbatches=self.num_microbatches
-        )
+        keys = (*self.report_keys, *CORRECTION_KEYS) if self.g.loss.rollout_correction else self.report_keys
+        return train_step(trainer, batches, self._forward_step, keys=keys, num_microbatches=self.num_microbatches)
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -333,6 +353,9 @@ class GRPOStage(Stage):
         samples = [s for grp in groups for s in grp]
         if self.ref is not None:
             self._reference_logprobs(samples)
+        if self.g.loss.rollout_correction is not None:  # the trainer's old policy, for truncated IS
+            for s, logprobs in zip(samples, self._logprobs(trainer.model[0], samples), strict=True):
+                s.old_logprobs = logprobs
         self._advantages(groups)
         t0 = time.perf_counter()
         per_update = len(samples) // self.g.mini_batches

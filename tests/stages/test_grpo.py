@@ -80,6 +80,18 @@ def test_dynamic_sampling_refills_and_reports_zero_variance(prompts, tmp_path):
     assert m["rollout_s"] > 0
 
 
+def test_continuous_rollout_with_truncated_importance_sampling(prompts, tmp_path):
+    """grpo.rollout_batch (continuous batching) and grpo.loss.rollout_correction=tis: the trainer recomputes the
+    old policy, and in fp32 its log-probabilities equal the engine's, so every importance weight is 1."""
+    args = grpo_args(prompts, "grpo.rollout_batch=3", "grpo.loss.rollout_correction=tis", "optim.train_steps=1",
+                     "stage.eval_interval=0")  # fmt: skip
+    out = run_trainer(args, tmp_path / "run")
+    assert out.returncode == 0, out.stdout[-3000:]
+    m = step_metrics(out.stdout, 1)
+    assert abs(m["rollout_is_mean"] - 1) < 1e-4 and m["rollout_is_clipfrac"] == 0 and m["rollout_logp_gap"] < 1e-4
+    assert abs(m["ppo_kl"]) < 1e-5 and 1 <= m["response_length"] <= 12
+
+
 def test_grpo_resumes_bit_identically_with_the_kl_reference(prompts, tmp_path):
     """MoE+MLA policy, KL term on (reference model built): SIGKILL after step 2, resume, same final state."""
     args = grpo_args(prompts, "model=dsv3_tiny", "grpo.loss.kl_coef=0.01", "optim.train_steps=3", "stage.eval_interval=0",
