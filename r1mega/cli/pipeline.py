@@ -3,12 +3,14 @@
 r1mega-pipeline                                  # the tiny default, about 15 minutes on 2 CPU cores
 r1mega-pipeline pipeline=tiny run_dir=runs/p2    # another run folder
 r1mega-pipeline pipeline.nproc=2                 # every step under torchrun with 2 processes
+r1mega-pipeline -m nproc=1,2                     # one pipeline per job, each in <hydra.sweep.dir>/<job number>
 
 Re-running the same command skips completed steps and resumes an interrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import hydra
@@ -16,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from r1mega.cli.exits import fail, user_errors
+from r1mega.cli.sweeps import enable_r1mega_loggers, job_run_dir
 from r1mega.config.errors import ConfigError
 from r1mega.config.load import CONFIG_MODULE
 from r1mega.pipeline.config import PipelineConfig
@@ -37,6 +40,8 @@ def app(dcfg: DictConfig) -> None:
         cfg: PipelineConfig = OmegaConf.to_object(dcfg)
     except ConfigError as e:
         fail(e, "r1mega-pipeline")
+    cfg = dataclasses.replace(cfg, run_dir=job_run_dir(cfg.run_dir))  # a multirun job's own folder
+    enable_r1mega_loggers()
     setup_logging("INFO")
     runner = PipelineRunner(cfg)
     with user_errors("r1mega-pipeline"):
