@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
@@ -98,6 +98,8 @@ class CachedDecoder:
         self.eps = config.layernorm_epsilon
         self.max_len = max_len
         self.freqs, self.mscale = self._rope_table(max_len)  # (max_len, rot_dim)
+        self._rope_positions: Tensor | None = None
+        self._rope_tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         if not self.mla and config.num_query_groups < self.tp:
             raise ValueError(
                 f"the rollout engine needs model.num_query_groups ({config.num_query_groups}) >= tensor parallel "
@@ -141,15 +143,24 @@ class CachedDecoder:
         return out
 
     def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
-        """RoPE on ``t`` (s, b, heads, d) at ``positions`` (b, s)."""
-        freqs = self.freqs[positions.t()].unsqueeze(2)  # (s, b, 1, rot_dim)
-        return _apply_rotary_pos_emb_bshd(
-            t,
-            freqs,
-            rotary_interleaved=self.config.rotary_interleaved,
-            multi_latent_attention=self.mla,
-            mscale=self.mscale,
-        )
+        """RoPE on ``t`` (s, b, heads, d) at ``positions`` (b, s): megatron-core's
+        ``_apply_rotary_pos_emb_bshd``, with the cosine and sine tables of a step computed once for all its
+        layers (the same operations on the same tensors, so the same values)."""
+        if positions is not self._rope_positions:  # a new step: one table lookup for every layer
+            self._rope_positions, self._rope_tables = positions, {}
+        tables = self._rope_tables.get(t.dtype)
+        if tables is None:
+            freqs = self.freqs[positions.t()].unsqueeze(2)  # (s, b, 1, rot_dim)
+            cos_ = (torch.cos(freqs) * self.mscale).to(t.dtype)
+            sin_ = (torch.sin(freqs) * self.mscale).to(t.dtype)
+            tables = self._rope_tables[t.dtype] = (cos_, sin_)
+        cos_, sin_ = tables
+        rot_dim = cos_.shape[-1]
+        t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+        if self.mla:
+            t = torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
+        t = (t * cos_) + (_rotate_half(t, self.config.rotary_interleaved) * sin_)
+        return torch.cat((t, t_pass), dim=-1) if t_pass.shape[-1] else t
 
     def _embed(self, ids: Tensor) -> Tensor:
         """Token embeddings (s, b, h) for ``ids`` (s, b), summed over vocab-parallel shards."""

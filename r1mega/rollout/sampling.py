@@ -150,6 +150,34 @@ def logprob_of(logits: Tensor, tokens: Tensor, params: SamplingParams) -> Tensor
     return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (b,)
 
 
+def sample_rows(logits: Tensor, params: SamplingParams, seeds: Tensor, counters: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row tokens (b,) and their log-probabilities (b,) from ``logits`` (b, V): a draw from
+    ``sampling_probs`` with ``row_uniforms(seeds, counters, STREAM_SAMPLE)`` and ``logprob_of``, in fewer passes
+    over the vocabulary: one ``logsumexp``, and with top-k/top-p one sort (or top-k) in whose order the token
+    is drawn, instead of masking, renormalising and scattering back."""
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)  # (b,)
+        return tokens, logprob_of(logits, tokens, params)
+    scaled = logits / params.temperature  # (b, V)
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
+    u = row_uniforms(seeds, counters, STREAM_SAMPLE).to(scaled.device)  # (b,)
+    vocab = scaled.shape[-1]
+    if params.top_k or params.top_p < 1.0:
+        k = params.top_k if 0 < params.top_k < vocab else vocab
+        vals, order = torch.topk(scaled, k) if k < vocab else torch.sort(scaled, dim=-1, descending=True)  # (b, k)
+        probs = (vals - lse).exp()  # (b, k) descending
+        if k < vocab:
+            probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p acts within the top-k set
+        cum = probs.double().cumsum(dim=-1)  # (b, k)
+        kept = ((cum - probs) < params.top_p).sum(dim=-1, keepdim=True)  # (b, 1) >= 1: the nucleus size
+        target = u[:, None] * cum.gather(-1, kept - 1)  # (b, 1)
+        j = torch.searchsorted(cum, target, right=True).clamp(max=kept - 1)  # (b, 1) position in the order
+        tokens = order.gather(-1, j).squeeze(-1)
+    else:
+        tokens = inverse_cdf((scaled - lse).exp(), u)
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
+
+
 def speculative_accept(
     p: Tensor, q: Tensor, draft: Tensor, u_accept: Tensor, u_residual: Tensor
 ) -> tuple[Tensor, Tensor]:

@@ -43,11 +43,11 @@ from r1mega.rollout.sampling import (
     STREAM_ACCEPT,
     STREAM_DRAFT,
     STREAM_RESIDUAL,
-    STREAM_SAMPLE,
     SamplingParams,
     inverse_cdf,
     logprob_of,
     row_uniforms,
+    sample_rows,
     sampling_probs,
     speculative_accept,
 )
@@ -235,8 +235,8 @@ class RowScheduler:
             row_uniforms(self.seed_t, c, STREAM_RESIDUAL),
         )
         accepted, first = speculative_accept(p, self.q, self.draft, u_accept, u_residual)  # (b,), (b,)
-        second, _ = self._draw(logits[:, 1], self.seed_t, c + 1, logps=False)  # (b,) taken only if accepted
-        logp1, logp2 = logprob_of(logits[:, 0], first, self.params), logprob_of(logits[:, 1], second, self.params)
+        second, logp2 = self._draw(logits[:, 1], self.seed_t, c + 1)  # (b,) taken only if accepted
+        logp1 = logprob_of(logits[:, 0], first, self.params)
         mtp = self.decoder.mtp_hidden(hidden, torch.stack([first, second], dim=1), step, self.cache)  # (2, b, h)
         rows = torch.arange(len(self.rows), device=self.device)
         last = mtp[accepted.long(), rows][None]  # (1, b, h): the MTP output at the last committed position
@@ -267,21 +267,15 @@ class RowScheduler:
         """Masked logits (b, s, V) of final-normed ``hidden`` (s, b, h)."""
         return self._mask(self.decoder.head(hidden))
 
-    def _draw(self, logits: Tensor, seeds: Tensor, counters: Tensor, logps: bool = True) -> tuple[Tensor, Tensor]:
+    def _draw(self, logits: Tensor, seeds: Tensor, counters: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row tokens (b,) from ``logits`` (b, V) and their log-probabilities (b,), broadcast from the first
         tensor-parallel rank."""
-        if self.params.greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            u = row_uniforms(seeds, counters, STREAM_SAMPLE)
-            tokens = inverse_cdf(sampling_probs(logits, self.params), u)
-        out = logprob_of(logits, tokens, self.params) if logps else tokens.new_zeros(())
+        tokens, out = sample_rows(logits, self.params, seeds, counters)
         group = self.engine._tp_group
         if group is not None:
             src = torch.distributed.get_global_rank(group, 0)
             torch.distributed.broadcast(tokens, src=src, group=group)
-            if logps:
-                torch.distributed.broadcast(out, src=src, group=group)
+            torch.distributed.broadcast(out, src=src, group=group)
         return tokens, out
 
     def _draft(self, logits: Tensor, seeds: Tensor, counters: Tensor) -> tuple[Tensor, Tensor]:

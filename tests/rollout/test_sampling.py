@@ -14,7 +14,9 @@ from r1mega.rollout.sampling import (
     SamplingParams,
     filter_logits,
     inverse_cdf,
+    logprob_of,
     row_uniforms,
+    sample_rows,
     sample_tokens,
     sampling_probs,
     speculative_accept,
@@ -121,3 +123,17 @@ def test_speculative_accept_samples_the_target_distribution():
     freq = torch.bincount(tokens, minlength=3).float() / n
     assert freq.tolist() == pytest.approx([0.6, 0.3, 0.1], abs=0.015)
     assert accepted.float().mean().item() == pytest.approx(0.1 + 0.2 + 0.1, abs=0.015)  # sum of min(p, q)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=5, top_p=0.8), dict(top_p=1.0)]
+)
+def test_sample_rows_follows_sampling_probs(kwargs):
+    """The fused per-row sampler (which draws in the sorted order when truncating) follows ``sampling_probs``
+    over 20,000 seeds and returns ``logprob_of``'s log-probabilities."""
+    params = SamplingParams(**kwargs)
+    logits = (torch.randn(1, 12, generator=torch.Generator().manual_seed(0)) * 2).expand(20000, 12)
+    tokens, logps = sample_rows(logits, params, torch.arange(20000), torch.full((20000,), 3))
+    freq = torch.bincount(tokens, minlength=12).float() / len(tokens)
+    assert freq.tolist() == pytest.approx(sampling_probs(logits[:1], params)[0].tolist(), abs=0.012)
+    assert (logps - logprob_of(logits, tokens, params)).abs().max().item() < 1e-5
