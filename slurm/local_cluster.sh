@@ -9,7 +9,8 @@
 # The node is this machine (NodeAddr=127.0.0.1) with all its CPUs as Slurm CPUs. No cgroups, no accounting.
 # Requeue is fast (credentials expire after 10 s, the scheduler runs every 2 s) so a requeued job restarts
 # within seconds instead of ~160 s. State is wiped on start (a stale state directory fails with
-# "CLUSTER NAME MISMATCH"). Ports: SLURMCTLD_PORT (default 6817) and SLURMD_PORT (6818).
+# "CLUSTER NAME MISMATCH"). Ports: SLURMCTLD_PORT (default 6817) and SLURMD_PORT (6818); FIRST_JOB_ID (default 1)
+# numbers the jobs (a job's rendezvous port is 20000 + job id % 20000: two clusters on one machine need distinct ids).
 set -euo pipefail
 
 usage() {
@@ -29,6 +30,7 @@ write_conf() {
   node=$(slurmd -C | head -n 1)
   cat >"$conf" <<EOF
 ClusterName=r1mega-local
+FirstJobId=${FIRST_JOB_ID:-1}
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=${SLURMCTLD_PORT:-6817}
 SlurmdPort=${SLURMD_PORT:-6818}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -15,6 +16,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+
+STEPS = 12
+TRAIN_OVERRIDES = [
+    "parallel=tp2",
+    f"optim.train_steps={STEPS}",
+    "optim.lr_warmup_steps=2",
+    "data.seq_length=32",
+    "checkpoint.save_interval=0",  # only the preemption checkpoint and the final one
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+]
+"""The tiny model with TP=2 over two CPU tasks, 12 steps: what the Slurm tests train."""
+
+
+def random_job_id() -> int:
+    """A first job id for a test cluster: jobs rendezvous on port 20000 + id % 20000 (r1mega.parallel.bootstrap), so
+    clusters started at the same time by different checkouts should not all count from 1."""
+    return random.randrange(1000, 19000)
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of the checkpoint ``<run_dir>/checkpoints/latest`` names."""
+    return int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / f"step_{STEPS:08d}"
 
 
 def slurm_required() -> bool:

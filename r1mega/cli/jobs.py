@@ -4,7 +4,8 @@ They take the same config (``conf/``, the same overrides), start the processes t
 or one process) and fail in one line with the status of ``r1mega.cli.exits`` (2 for a bad config or bad
 data, 3 for a loss that stopped being finite). With ``-m`` (Hydra's multirun) every point of the sweep is checked
 first and each job runs in its own run folder (``r1mega.cli.sweeps``); a job that fails is reported by Hydra with
-its overrides, the others still run, and the command exits with the first failure's status.
+its overrides, the others still run, and the command exits with the first failure's status. Under
+hydra-submitit-launcher a job keeps train.sbatch's preemption semantics (``r1mega.cli.submitit_job``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from r1mega.cli import sweeps
 from r1mega.cli.exits import exit_code_for, fail, user_errors
+from r1mega.cli.submitit_job import submitit_preemption
 from r1mega.config.errors import ConfigError
 from r1mega.config.load import compose_config, to_typed
 from r1mega.config.schema import R1Config
@@ -61,12 +63,13 @@ def run_job(dcfg: DictConfig, job: Job) -> Any:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from r1mega.parallel import bootstrap
 
-    try:
-        with nullcontext() if sweeps.in_multirun() else user_errors():
-            ctx = bootstrap.initialize(cfg)
-            return job(cfg, ctx)
-    finally:
-        bootstrap.destroy()
+    with submitit_preemption():
+        try:
+            with nullcontext() if sweeps.in_multirun() else user_errors():
+                ctx = bootstrap.initialize(cfg)
+                return job(cfg, ctx)
+        finally:
+            bootstrap.destroy()
 
 
 def _precheck(argv: list[str]) -> None:

@@ -17,41 +17,23 @@ from pathlib import Path
 
 import pytest
 from ckpt_utils import assert_identical, checkpoint_tensors
-from slurm_utils import REPO, SLURM, Cluster, job_env, skip_or_fail
+from slurm_utils import (
+    REPO,
+    SLURM,
+    STEPS,
+    TRAIN_OVERRIDES,
+    Cluster,
+    final_checkpoint,
+    job_env,
+    latest_step,
+    skip_or_fail,
+)
 
-STEPS = 12
-OVERRIDES = [
-    "parallel=tp2",
-    f"optim.train_steps={STEPS}",
-    "optim.lr_warmup_steps=2",
-    "data.seq_length=32",
-    "checkpoint.save_interval=0",  # only the preemption checkpoint and the final one
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-]
 SCRIPTS = sorted(p.relative_to(REPO) for p in [*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")])
-
-
-def _latest_step(run_dir: Path) -> int:
-    return int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
 
 
 def _record(run_dir: Path) -> list[str]:
     return (run_dir / "slurm_jobs.log").read_text().splitlines()
-
-
-@pytest.fixture(scope="module")
-def reference_job(slurm_cluster: Cluster, tmp_path_factory) -> tuple[str, Path, dict[str, str]]:
-    """The tiny run, uninterrupted, submitted through slurm/submit.sh (r1mega-check first) with 2 CPU tasks."""
-    cwd = tmp_path_factory.mktemp("reference")
-    job_id = slurm_cluster.submit(
-        ["bash", str(SLURM / "submit.sh"), "train", *OVERRIDES],
-        cwd,
-        R1MEGA_GPUS_PER_NODE="0",
-        R1MEGA_TASKS_PER_NODE="2",
-    )
-    info = slurm_cluster.wait(job_id)
-    return job_id, cwd, info
 
 
 @pytest.mark.slow
@@ -60,7 +42,7 @@ def test_train_job_completes_with_the_expected_checkpoint(reference_job) -> None
     log = (cwd / f"r1mega-train-{job_id}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-4000:]}"
     run_dir = cwd / "runs" / f"r1mega-train-{job_id}"  # the default run folder: <submit dir>/runs/<name>-<job id>
-    assert _latest_step(run_dir) == STEPS
+    assert latest_step(run_dir) == STEPS
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").is_file()
     assert "2 process(es) via slurm: TP=2" in log, log[-3000:]
     config = (run_dir / "config.yaml").read_text()  # the resolved config, written by the trainer
@@ -76,7 +58,7 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(
 ) -> None:
     ref_id, ref_cwd, ref_info = reference_job
     assert ref_info["JobState"] == "COMPLETED", ref_info
-    job_id = slurm_cluster.submit(["sbatch", "--ntasks=2", str(SLURM / "train.sbatch"), *OVERRIDES], tmp_path)
+    job_id = slurm_cluster.submit(["sbatch", "--ntasks=2", str(SLURM / "train.sbatch"), *TRAIN_OVERRIDES], tmp_path)
     out = tmp_path / f"r1mega-train-{job_id}.out"
     deadline = time.monotonic() + 240
     while "step 3 " not in (out.read_text() if out.exists() else ""):
@@ -111,11 +93,10 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(
         ["end", f"job={job_id}", "restart=1"],
     ], events
     assert _record(run_dir)[1].endswith("exit=75") and _record(run_dir)[-1].endswith("exit=0")
-    assert _latest_step(run_dir) == STEPS
+    assert latest_step(run_dir) == STEPS
 
-    reference = ref_cwd / "runs" / f"r1mega-train-{ref_id}" / "checkpoints" / f"step_{STEPS:08d}"
-    resumed = run_dir / "checkpoints" / f"step_{STEPS:08d}"
-    assert_identical(checkpoint_tensors(reference), checkpoint_tensors(resumed))
+    reference = final_checkpoint(ref_cwd / "runs" / f"r1mega-train-{ref_id}")
+    assert_identical(checkpoint_tensors(reference), checkpoint_tensors(final_checkpoint(run_dir)))
 
 
 def test_scripts_exist() -> None:
