@@ -178,5 +178,6 @@ def verify(directory: Path, files: Files | None) -> None:
         return
     found = problems(directory, files)
     if found:
-        more = f" (and {len(found) - 1} more damaged files)" if len(found) > 1 else ""
+        others = len(found) - 1
+        more = f" (and {others} more damaged file{'s' if others > 1 else ''})" if others else ""
         raise CheckpointError(f"{found[0]}{more}")

@@ -153,7 +153,10 @@ class CheckpointManager:
                 if self.rank == 0:
                     log.warning("damaged checkpoint, not resuming from it: %s", e)
         if damaged:
-            older = f" (the {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""
+            n = len(damaged) - 1
+            older = (
+                f" (the {n} older ones are damaged too)" if n > 1 else " (the older one is damaged too)" if n else ""
+            )
             raise CheckpointError(
                 f"no intact checkpoint to resume from in {self.dir}: {damaged[0]}{older}. Restore the file, move "
                 "the damaged checkpoints away, or start over with checkpoint.resume=false"

@@ -96,7 +96,7 @@ def test_every_damaged_file_is_counted(folder: Path) -> None:
         str(folder / "__0_0.distcp"),
         str(folder / "rank_00001.pt"),
     ]
-    with pytest.raises(CheckpointError, match=r"\(and 1 more damaged files\)"):
+    with pytest.raises(CheckpointError, match=r"\(and 1 more damaged file\)$"):
         integrity.verify(folder, table)
 
 

@@ -161,7 +161,7 @@ def test_no_intact_checkpoint_exits_2_naming_the_file(run: Run, ckpt: Path) -> N
         CheckpointManager(run.cfg, str(ckpt)).latest()
     message = str(error.value)
     assert message.startswith(f"no intact checkpoint to resume from in {ckpt}: {newest} does not match")
-    assert "(the 1 older ones are damaged too)" in message and "\n" not in message
+    assert "(the older one is damaged too)" in message and "\n" not in message
     assert exit_code_for(error.value) == ExitCode.USER_ERROR
 
 
