@@ -76,17 +76,23 @@ class Cluster:
     """The running cluster: submit jobs, read their state, cancel what is left at the end."""
 
     conf: Path
+    client: list[str] = field(default_factory=list)
+    """What a client command runs under (``slurm/local_cluster.sh exec STATE_DIR`` for two nodes: on r1node1)."""
     jobs: list[str] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
         return job_env({"SLURM_CONF": str(self.conf), **extra})
 
     def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=60, **kwargs)
+        return subprocess.run(
+            [*self.client, *cmd], env=self.env(), capture_output=True, text=True, timeout=60, **kwargs
+        )
 
     def submit(self, cmd: list[str], cwd: Path, **extra: str) -> str:
         """Run a submitting command (sbatch or slurm/submit.sh); return the job id."""
-        proc = subprocess.run(cmd, cwd=cwd, env=self.env(**extra), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*self.client, *cmd], cwd=cwd, env=self.env(**extra), capture_output=True, text=True, timeout=120
+        )
         match = re.search(r"Submitted batch job (\d+)", proc.stdout)
         assert proc.returncode == 0 and match, f"submitting failed: {proc.stdout}\n{proc.stderr}"
         self.jobs.append(match.group(1))
