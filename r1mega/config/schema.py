@@ -268,6 +268,18 @@ class ParallelConfig:
     """torch.distributed backend; None: nccl with CUDA, gloo without."""
     timeout_minutes: int = 10
     """Collective timeout; a hung peer fails the run after this long."""
+    recompute_granularity: str | None = None
+    """Activation recompute (megatron-core's): null keeps every activation for the backward pass; selective
+    recomputes the submodules in ``recompute_modules``; full recomputes whole layers (``recompute_method``).
+    Chosen with the layout, since it trades compute for the activation memory a rank has."""
+    recompute_method: str | None = None
+    """For full recompute: uniform (every ``recompute_num_layers`` layers form one recomputed unit) or block (the
+    first ``recompute_num_layers`` layers of each pipeline stage are recomputed)."""
+    recompute_num_layers: int | None = None
+    """For full recompute: layers per unit (uniform) or recomputed layers per stage (block)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """For selective recompute, megatron-core's module names: core_attn, mla_up_proj, layernorm, mlp, moe,
+    shared_experts (moe_act needs grouped GEMM experts)."""
 
     def __post_init__(self) -> None:
         for key in (
@@ -289,6 +301,21 @@ class ParallelConfig:
                     "null unless parallel.pipeline_model_parallel_size > 1",
                 )
         _check_choice("parallel.backend", self.backend, (None, "gloo", "nccl"))
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        _check_choice("parallel.recompute_granularity", self.recompute_granularity, (None, "selective", "full"))
+        _check_choice("parallel.recompute_method", self.recompute_method, (None, "uniform", "block"))
+        if self.recompute_granularity == "full":
+            if self.recompute_method is None:
+                raise ConfigError("parallel.recompute_method", None, "uniform or block with recompute_granularity=full")
+            _check_positive("parallel.recompute_num_layers", self.recompute_num_layers)
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            key = "recompute_method" if self.recompute_method is not None else "recompute_num_layers"
+            raise ConfigError(f"parallel.{key}", getattr(self, key), "null unless parallel.recompute_granularity=full")
+        allowed = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "shared_experts", "moe_act")
+        for name in self.recompute_modules:
+            _check_choice("parallel.recompute_modules", name, allowed)
 
     @property
     def etp(self) -> int:

@@ -76,6 +76,7 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
     dp = data_parallel_size(cfg, world_size)
     _validate_model_split(cfg, dp)
     _validate_pipeline(cfg)
+    _validate_recompute(cfg, accel)
     _validate_precision(cfg, accel)
     if cfg.stage.name != "grpo":  # GRPO's batch is grpo.prompts_per_step x grpo.group_size (checked below)
         _validate_batches(cfg, dp)
@@ -192,6 +193,44 @@ def _validate_pipeline(cfg: R1Config) -> None:
             pp,
             f"at most one stage per layer (model.num_layers={m.num_layers})",
         )
+
+
+def _validate_recompute(cfg: R1Config, accel: Accelerator) -> None:
+    """Full recompute's unit fits the layers of a pipeline stage; selective modules exist in this model."""
+    p, m = cfg.parallel, cfg.model
+    if p.recompute_granularity == "full":
+        most = (
+            min(pipeline_stage_layers(cfg))
+            if p.recompute_method == "block"
+            else m.num_layers // p.pipeline_model_parallel_size
+        )
+        if p.recompute_num_layers > most:
+            raise ConfigError(
+                "parallel.recompute_num_layers", p.recompute_num_layers, f"between 1 and {most} (layers per stage)"
+            )
+    if p.recompute_granularity == "selective":
+        needs = {
+            "mla_up_proj": m.multi_latent_attention,
+            "moe": m.num_experts,
+            "shared_experts": m.moe_shared_expert_intermediate_size,
+        }
+        for name in p.recompute_modules:
+            if name in needs and not needs[name]:
+                raise ConfigError("parallel.recompute_modules", name, f"a module model={m.name} has ({name} needs it)")
+            if name == "moe_act":
+                raise ConfigError(
+                    "parallel.recompute_modules",
+                    name,
+                    "not moe_act: it needs grouped-GEMM experts, which r1mega's local spec does not use",
+                )
+            if name == "layernorm" and not accel.transformer_engine:
+                # megatron-core 0.16.1's CheckpointWithoutOutput() sets fp8 = (False is not None) and then reads
+                # TE's FP8 state: the norm recompute works only where TE is installed.
+                raise ConfigError(
+                    "parallel.recompute_modules",
+                    name,
+                    "not layernorm without Transformer Engine (megatron-core 0.16.1)",
+                )
 
 
 def fp8_backend(cfg: R1Config, accel: Accelerator) -> str | None:

@@ -129,6 +129,10 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.etp,
         sequence_parallel=p.sequence_parallel,
+        recompute_granularity=p.recompute_granularity,
+        recompute_method=p.recompute_method,
+        recompute_num_layers=p.recompute_num_layers,
+        recompute_modules=list(p.recompute_modules),
         mtp_num_layers=m.mtp_num_layers or None,
         mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,
         # Without CUDA, weights are initialised on the CPU from the full (unsharded) master weight, so
