@@ -83,6 +83,7 @@ def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
         metrics = MetricsWriter(cfg, ctx, initial_step=step)
         preemption = PreemptionHandler()
         result = RunResult(step=step)
+        saved_at = step if step else -1  # a resumed run's checkpoint holds its first step's weights
         bad_in_a_row = 0
         try:
             while step < cfg.optim.train_steps:
@@ -104,13 +105,14 @@ def train(cfg: R1Config, ctx: ParallelContext) -> RunResult:
                 interval = cfg.checkpoint.save_interval
                 if preemption.should_stop():
                     checkpoints.save(step, trainer, stage.state_dict())
-                    result.preempted = True
+                    saved_at, result.preempted = step, True
                     log.warning("checkpointed step %d after a stop request; exiting", step)
                     break
                 if interval and step % interval == 0 and step < cfg.optim.train_steps:
                     checkpoints.save(step, trainer, stage.state_dict())
+                    saved_at = step
             else:
-                if step > _saved_step(checkpoints):  # the final weights, unless already saved
+                if step > saved_at:  # the final weights, unless already saved
                     checkpoints.save(step, trainer, stage.state_dict())
         finally:
             preemption.close()
@@ -124,8 +126,3 @@ def _write_resolved_config(cfg: R1Config) -> None:
     path = Path(cfg.run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def _saved_step(checkpoints: CheckpointManager) -> int:
-    latest = checkpoints.latest()
-    return int(latest.name.split("_")[1]) if latest else -1

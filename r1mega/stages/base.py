@@ -54,7 +54,7 @@ class Stage(ABC):
 
     def load_weights(self, chunks: list[torch.nn.Module], path: str) -> None:
         """Initialise from ``checkpoint.load`` when no checkpoint of this run exists (collective)."""
-        load_weights(chunks, path)
+        load_weights(chunks, path, verify=self.cfg.checkpoint.verify)
 
     def bind(self, trainer: Trainer) -> None:  # noqa: B027 (an optional hook: doing nothing is the default)
         """Attach to the built trainer, before any checkpoint is loaded into it."""

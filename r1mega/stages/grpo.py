@@ -136,7 +136,7 @@ class GRPOStage(Stage):
                     for p, q in zip(ref.parameters(), live.parameters(), strict=True):
                         p.copy_(q)
             if self.cfg.checkpoint.load:
-                load_weights(self.ref, self.cfg.checkpoint.load)
+                load_weights(self.ref, self.cfg.checkpoint.load, verify=self.cfg.checkpoint.verify)
             for m in self.ref:
                 m.eval().requires_grad_(False)
             log.info("reference model built for the KL term (kl_coef=%g)", loss.kl_coef)

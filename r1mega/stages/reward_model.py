@@ -109,7 +109,7 @@ class RewardModelStage(BatchStage):
 
     def load_weights(self, chunks: list[torch.nn.Module], path: str) -> None:
         """A reward-model checkpoint, or a policy checkpoint's backbone (the head then starts fresh)."""
-        load_reward_weights(chunks, path)
+        load_reward_weights(chunks, path, verify=self.cfg.checkpoint.verify)
 
     def _batches(self, pairs: list[TokenizedPair], index_groups: list[list[int]]) -> Iterator[Batch]:
         for group in index_groups:
