@@ -76,6 +76,11 @@ def test_a_train_sweep_runs_each_job_in_its_own_run_dir(tmp_path: Path) -> None:
         assert list((run_dir / "tb").glob("events.out.tfevents.*"))
         assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     assert (sweep / "multirun.yaml").is_file()
+    # the same sweep again, same hydra.sweep.dir: each job resumes from its own newest checkpoint
+    code, err = _app("r1mega.cli.train", "-m", "optim.lr=3e-3,3e-4", *QUICK, f"hydra.sweep.dir={sweep}")
+    assert code == 0, err[-3000:]
+    for job in (0, 1):
+        assert f"resumed from {sweep / str(job) / 'checkpoints' / 'step_00000003'} (step 3)" in err, err[-3000:]
 
 
 @pytest.mark.slow
