@@ -23,6 +23,7 @@ from r1mega.config.schema import R1Config
 from r1mega.config.validate import Accelerator, detect_accelerator, validate
 from r1mega.models.memory import MemoryEstimate, peak_memory, stage_memory
 from r1mega.models.params import ModelParams, count_params, flops_per_token
+from r1mega.models.rl_memory import HARDWARE, kv_values_per_token_layer, rl_memory, rl_time, sequences_per_replica
 from r1mega.parallel.layout import Layout, layout
 
 GROUP_LABELS = {
@@ -48,6 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=deepseek_v3 parallel=dsv3_2048")
     parser.add_argument("--world-size", type=int, default=None, help="number of processes (sets parallel.world_size)")
     parser.add_argument("--groups", type=int, default=3, metavar="N", help="rank groups shown per kind (default 3)")
+    rl = parser.add_argument_group("stage=grpo", "the GRPO step's memory and time (printed for stage=grpo)")
+    rl.add_argument("--gpu", choices=sorted(HARDWARE), default="h200", help="accelerator for the time floor")
+    rl.add_argument("--mfu", type=float, default=0.35, help="model-FLOPs utilisation assumed for the update")
+    rl.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the rollout (tokens)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -182,7 +187,42 @@ def memory_lines(cfg: R1Config, lay: Layout, params: ModelParams) -> list[str]:
     return lines
 
 
-def report(cfg: R1Config, world_size: int, dp: int, shown: int) -> list[str]:
+def rl_lines(cfg: R1Config, lay: Layout, params: ModelParams, args: argparse.Namespace) -> list[str]:
+    """GRPO: memory per rank with the reference model, rollout KV cache and update activations; step time."""
+    hw = HARDWARE[args.gpu]
+    g, p = cfg.grpo, cfg.parallel
+    memory = rl_memory(cfg, lay, args.prompt_tokens, params)
+    seqs = sequences_per_replica(cfg, lay)
+    recompute = p.recompute_granularity or "none"
+    lines = [
+        f"GRPO step: {g.prompts_per_step} prompts x {g.group_size} samples, responses up to {g.max_new_tokens} "
+        f"tokens after {args.prompt_tokens}-token prompts; {seqs} sequences per data-parallel replica "
+        f"(DP {lay.dp}); KV cache {kv_values_per_token_layer(cfg, lay.tp)} values/token/layer; recompute "
+        f"{recompute}; reference model {'on' if g.loss.kl_coef > 0 else 'off (kl_coef=0)'}",
+        f"memory per rank during the step ({hw.name}, {hw.memory_gib:.0f} GiB):",
+    ]
+    for r in memory:
+        fits = "fits" if r.total <= hw.memory_gib * 2**30 else "DOES NOT FIT"
+        lines.append(
+            f"  stage {r.model_state.params.stage:2d}: model state {fmt_bytes(r.state)} + reference "
+            f"{fmt_bytes(r.reference)} + max(rollout KV cache {fmt_bytes(r.kv_cache)}, update activations "
+            f"{fmt_bytes(r.activations)}) = {fmt_bytes(r.total)} ({fits})"
+        )
+    t = rl_time(cfg, lay, args.prompt_tokens, hw, args.mfu)
+    lines.append(
+        f"time per step at the {hw.name} floor: rollout {t.rollout_pipelined:.0f} s with {lay.pp} row groups in "
+        f"flight ({t.rollout_one_group:.0f} s with one; decode {t.bound}-bound), update {t.update:.0f} s at "
+        f"{args.mfu:.0%} MFU; responses at full length"
+    )
+    lines.append(
+        f"  compare: a refit into a generation layout without PP (attention TP {t.refit_tp} x experts over all "
+        f"{lay.world_size} ranks) decodes in {t.rollout_refit:.0f} s, for {fmt_bytes(t.refit_bytes)} more weights "
+        f"and a {fmt_bytes(t.refit_kv)} KV cache per rank"
+    )
+    return lines
+
+
+def report(cfg: R1Config, world_size: int, dp: int, shown: int, args: argparse.Namespace | None = None) -> list[str]:
     """Every line ``r1mega-check`` prints for a valid config."""
     lay = layout(cfg, world_size)
     params = count_params(cfg.model)
@@ -197,6 +237,7 @@ def report(cfg: R1Config, world_size: int, dp: int, shown: int) -> list[str]:
         *pipeline_lines(lay),
         *params_lines(cfg, params),
         *memory_lines(cfg, lay, params),
+        *(rl_lines(cfg, lay, params, args or parse_args([])) if cfg.stage.name == "grpo" else []),
     ]
 
 
@@ -211,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dp = validate(cfg, accel=accelerator())
     except ConfigError as error:
         fail(error)
-    for line in report(cfg, cfg.parallel.world_size, dp, args.groups):
+    for line in report(cfg, cfg.parallel.world_size, dp, args.groups, args):
         print(line)
 
 
