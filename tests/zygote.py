@@ -50,6 +50,16 @@ PRELOAD = (
 """Modules the zygote imports: what every trainer and rank imports first. Importing runs no torch op."""
 
 
+_DEFAULT_FILTERS = (
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+)
+"""CPython's default warning filters (no ``-W``, no dev mode), first match first."""
+
+
 class ZygoteProcess:
     """A process forked by the zygote: ``pid``, ``wait(timeout)``, ``poll()``, ``returncode``, like ``Popen``."""
 
@@ -108,7 +118,13 @@ class Zygote:
         ready = self.proc.stdout.readline().strip()
         if ready != "ready":
             raise RuntimeError(f"the test zygote did not start (it said {ready!r})")
-        atexit.register(self.proc.kill)
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """End the zygote (its children run on in their own sessions until their tests kill them)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
 
     def spawn(
         self,
@@ -205,7 +221,9 @@ def _run_child(request: dict) -> None:
         for entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        warnings.resetwarnings()
+        warnings.resetwarnings()  # then Python's own defaults, as a fresh interpreter starts with them
+        for action, category, module in reversed(_DEFAULT_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)
         warnings.filterwarnings(
             "ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning
         )
