@@ -20,12 +20,19 @@ masked by the bias: every shape and address is fixed, so one captured graph serv
 length bucket. Masked slots get probability exactly 0, so both steps compute the same attention.
 
 Tensor parallelism: column-parallel weights give this rank's heads; row-parallel outputs and the vocab-
-parallel embedding are all-reduced; logits are gathered over the vocabulary. Pipeline parallelism is not
-supported here (the engine refuses it with a message).
+parallel embedding are all-reduced; logits are gathered over the vocabulary.
+
+Pipeline parallelism (with virtual stages): a rank runs only its chunks' layers, in the training layout.
+The first stage embeds; every other chunk receives the hidden states ``(s, b, hidden)`` from the chunk
+before it in the pipeline order (stage ``r - 1``, or for a later virtual chunk of stage 0 the previous
+chunk of the last stage) over the pipeline group, runs its layers against its own cache layers and sends
+them on; only the last chunk of the last stage has the final norm and the output layer, and ``step``
+returns None everywhere else. The engine samples there and broadcasts the tokens to the pipeline group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,22 +86,42 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 class CachedDecoder:
-    """KV-cached forward of one (pipeline-complete) megatron-core ``GPTModel``."""
+    """KV-cached forward of a megatron-core ``GPTModel``: the whole model, or this rank's pipeline chunks
+    (``model`` a list of chunks, in virtual-stage order, with ``pp_group`` the pipeline group)."""
 
-    def __init__(self, model: GPTModel, max_len: int, tp_group: dist.ProcessGroup | None = None) -> None:
-        if not (model.pre_process and model.post_process):
+    def __init__(
+        self,
+        model: GPTModel | Sequence[GPTModel],
+        max_len: int,
+        tp_group: dist.ProcessGroup | None = None,
+        pp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.chunks: list[GPTModel] = [model] if isinstance(model, torch.nn.Module) else list(model)
+        self.model = model = self.chunks[0]
+        """The first chunk (the config, RoPE tables and, on the first stage, the embedding)."""
+        self.last = self.chunks[-1]
+        """The last chunk (on the last stage: the final norm, the output layer and the MTP module)."""
+        if pp_group is None and not (model.pre_process and self.last.post_process):
             raise ValueError(
-                "the rollout engine needs the whole model on each rank: set parallel.pipeline_model_parallel_size=1 "
-                "for generation (tensor and expert parallelism are supported)"
+                "the model is split into pipeline stages: pass the pipeline group to the decoder "
+                "(groups=ctx.groups to the rollout engine)"
             )
-        self.model = model
         self.config = config = model.config
         self.mla = bool(getattr(config, "multi_latent_attention", False))
         self.tp_group = tp_group
         """The model's tensor-parallel group; None when it is not split (TP=1)."""
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-        self.layers = list(model.decoder.layers)
+        self.pp_group = pp_group
+        """The pipeline group; None when the whole model is on this rank (PP=1)."""
+        if pp_group is not None:
+            pp, r = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+            self.prev_rank = dist.get_global_rank(pp_group, (r - 1) % pp)
+            self.next_rank = dist.get_global_rank(pp_group, (r + 1) % pp)
+        self.is_last = self.last.post_process
+        """Whether this rank computes logits (the last pipeline stage, or the whole model)."""
+        self.dtype = next(p for c in self.chunks for p in c.parameters()).dtype
+        self.layers = [layer for chunk in self.chunks for layer in chunk.decoder.layers]
         self.eps = config.layernorm_epsilon
         self.max_len = max_len
         self.freqs, self.mscale = self._rope_table(max_len)  # (max_len, rot_dim)
@@ -275,30 +302,44 @@ class CachedDecoder:
             x = x + self._gqa(layer.self_attention, h, step, cache.keys[i], cache.values[i])
         return x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
 
-    def _decode(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
-        """The decoder layers on ``ids`` (b, s): hidden states (s, b, hidden) before the final norm."""
-        x = self._embed(ids.t())  # (s, b, hidden)
-        for i, layer in enumerate(self.layers):
-            x = self._block(x, layer, step, cache, i)
-        return x
+    def _decode(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor | None:
+        """This rank's decoder layers on ``ids`` (b, s): hidden states (s, b, hidden) before the final norm
+        on the last pipeline stage, None on the others (which send theirs on)."""
+        x, offset = None, 0
+        for chunk in self.chunks:
+            if chunk.pre_process:
+                x = self._embed(ids.t())  # (s, b, hidden)
+            else:
+                x = torch.empty(
+                    ids.shape[1], ids.shape[0], self.config.hidden_size, dtype=self.dtype, device=ids.device
+                )
+                dist.recv(x, src=self.prev_rank, group=self.pp_group)  # (s, b, hidden) from the chunk before
+            for layer in chunk.decoder.layers:
+                x = self._block(x, layer, step, cache, offset)
+                offset += 1
+            if not chunk.post_process:
+                dist.send(x.contiguous(), dst=self.next_rank, group=self.pp_group)
+        return x if self.is_last else None
 
-    def step(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
+    def step(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor | None:
         """Run ``ids`` (b, s) at cache slots ``[start, start + s)``; full-vocab fp32 logits (b, V) of the
-        last position of each row."""
-        h = self.model.decoder.final_layernorm(self._decode(ids, step, cache)[-1:])  # (1, b, hidden)
+        last position of each row (None on a pipeline stage other than the last)."""
+        x = self._decode(ids, step, cache)
+        if x is None:
+            return None
+        h = self.last.decoder.final_layernorm(x[-1:])  # (1, b, hidden)
         return self.head(h)[:, 0]  # (b, V)
 
     def hidden(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """Final-normed hidden states (s, b, hidden) of every position of ``ids`` (b, s): what the output
-        layer and the MTP module read."""
-        return self.model.decoder.final_layernorm(self._decode(ids, step, cache))
+        layer and the MTP module read (the whole model on this rank)."""
+        return self.last.decoder.final_layernorm(self._decode(ids, step, cache))
 
     def head(self, h: Tensor) -> Tensor:
         """Full-vocab fp32 logits (b, s, V) of final-normed hidden states ``h`` (s, b, hidden)."""
-        weight = (
-            self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
-        )
-        logits = self._linear(self.model.output_layer, h, weight)
+        last = self.last
+        weight = last.shared_embedding_or_output_weight() if last.share_embeddings_and_output_weights else None
+        logits = self._linear(last.output_layer, h, weight)
         if self.tp > 1:
             logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
         return logits.transpose(0, 1).float()  # (b, s, V)
@@ -308,7 +349,7 @@ class CachedDecoder:
     @property
     def has_mtp(self) -> bool:
         """Whether the model has megatron-core MTP layers (DeepSeek-V3's multi-token prediction)."""
-        return getattr(self.model, "mtp", None) is not None and len(self.model.mtp.layers) > 0
+        return getattr(self.last, "mtp", None) is not None and len(self.last.mtp.layers) > 0
 
     def mtp_hidden(self, hidden: Tensor, next_ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """The first MTP module on the main model's final-normed ``hidden`` (s, b, h) and the ids of the
@@ -318,7 +359,7 @@ class CachedDecoder:
         As in megatron-core's ``MultiTokenPredictionLayer``: ``eh_proj([enorm(embed(next)); hnorm(h)])``,
         one transformer layer, the MTP module's final norm; the embedding and output head are the model's.
         """
-        mtp = self.model.mtp.layers[0]
+        mtp = self.last.mtp.layers[0]
         e = mtp.enorm(self._embed(next_ids.t()))  # (s, b, h)
         x = self._linear(mtp.eh_proj, torch.cat([e, mtp.hnorm(hidden)], dim=-1))  # (s, b, h)
         x = self._block(x, mtp.transformer_layer, step, cache, len(self.layers))

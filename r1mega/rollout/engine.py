@@ -19,8 +19,16 @@ main model) switch to the per-row loop of ``scheduler``; without them the loop b
 Parallelism: every tensor-parallel rank runs the same prompts and gets the same tokens (sampled from the
 gathered logits, then broadcast from the group's first rank). Under expert parallelism each rank brings its
 own prompts (it is a data-parallel rank), and ranks keep stepping, on a dummy row once their own work is
-done, until every rank has finished, because MoE layers exchange tokens in every step. Pipeline
-parallelism is refused: generation needs the whole model on a rank.
+done, until every rank has finished, because MoE layers exchange tokens in every step.
+
+Pipeline parallelism (and virtual stages) decodes in the training layout: each rank's decoder runs only its
+chunks' layers against a cache of those layers (the MLA latent cache stays), hidden states go stage to
+stage over the pipeline group, the last stage samples, and the tokens and log-probabilities are broadcast
+to the whole pipeline group, so every rank keeps the same bookkeeping (which rows live, when to stop). The
+sampler's generator is drawn from on the last stage only and its state is broadcast back after each call,
+so every stage holds (and checkpoints) the same generator. One batch is in flight at a time: stages other
+than the one computing wait (the cost is discussed in the README). The per-row loop (continuous batching,
+per-sequence seeds, speculative decoding) and CUDA graphs run without pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -85,14 +93,16 @@ class GenerationStats:
 
 
 @contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
+def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        module.train(was_training)
+        for m, mode in zip(modules, was_training, strict=True):
+            m.train(mode)
 
 
 @dataclass
@@ -121,18 +131,19 @@ class _Batch:
 
 def rollout_groups(
     config: TransformerConfig, groups: ProcessGroupCollection | None
-) -> tuple[torch.distributed.ProcessGroup | None, torch.distributed.ProcessGroup | None]:
-    """(tensor-parallel group, expert-parallel group) a model built with ``config`` generates over; None where
-    that dimension is 1. A split model needs its groups passed (``ParallelContext.groups``)."""
+) -> tuple[torch.distributed.ProcessGroup | None, ...]:
+    """(tensor-parallel, expert-parallel, pipeline) groups a model built with ``config`` generates over; None
+    where that dimension is 1. A split model needs its groups passed (``ParallelContext.groups``)."""
     tp, ep = config.tensor_model_parallel_size, config.expert_model_parallel_size
+    pp = config.pipeline_model_parallel_size
     if groups is None:
-        if tp > 1 or ep > 1:
+        if tp > 1 or ep > 1 or pp > 1:
             raise ValueError(
-                f"the model is split (TP={tp}, EP={ep}): pass its process groups to the rollout engine "
+                f"the model is split (TP={tp}, EP={ep}, PP={pp}): pass its process groups to the rollout engine "
                 "(groups=ctx.groups from r1mega.parallel.bootstrap)"
             )
-        return None, None
-    return (groups.tp if tp > 1 else None), (groups.ep if ep > 1 else None)
+        return None, None, None
+    return (groups.tp if tp > 1 else None), (groups.ep if ep > 1 else None), (groups.pp if pp > 1 else None)
 
 
 class RolloutEngine:
@@ -163,9 +174,9 @@ class RolloutEngine:
         max_batch: int | None = None,
         speculative: bool = False,
     ) -> None:
-        if len(chunks) != 1:
-            raise ValueError("the rollout engine needs one model chunk per rank (no virtual pipeline stages)")
-        self.model: GPTModel = unwrap(chunks[0])
+        self.chunks: list[GPTModel] = [unwrap(c) for c in chunks]
+        """This rank's model chunks (several with virtual pipeline stages)."""
+        self.model: GPTModel = self.chunks[0]
         self.device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
         eos = list(eos_token_ids)
@@ -178,8 +189,21 @@ class RolloutEngine:
         self.stats = GenerationStats()
         self._decoder: CachedDecoder | None = None
         self._graphed: GraphedDecoder | None = None
-        self._tp_group, self._sync_group = rollout_groups(self.model.config, groups)
+        self._tp_group, self._sync_group, self._pp_group = rollout_groups(self.model.config, groups)
         self._tp = torch.distributed.get_world_size(self._tp_group) if self._tp_group is not None else 1
+        if len(self.chunks) > 1 and self._pp_group is None:
+            raise ValueError("several model chunks on a rank are virtual pipeline stages: build them with PP > 1")
+        self._pp_last = (
+            torch.distributed.get_global_rank(self._pp_group, torch.distributed.get_world_size(self._pp_group) - 1)
+            if self._pp_group is not None
+            else None
+        )
+        """Global rank of this pipeline's last stage (which samples), or None without pipeline parallelism."""
+        if self._pp_group is not None and (max_batch is not None or speculative):
+            raise ValueError(
+                "continuous batching (max_batch) and speculative decoding run without pipeline parallelism: "
+                "leave them off (grpo.rollout_batch=null, grpo.speculative=false) with PP > 1"
+            )
         self.cuda_graphs = self._choose_graphs(cuda_graphs)
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be a positive number of rows (or None for no limit)")
@@ -192,13 +216,15 @@ class RolloutEngine:
             raise ValueError(
                 "speculative decoding drafts with the model's MTP module: use a model with mtp_num_layers >= 1"
             )
-        if self._tp > 1 or self._sync_group is not None:
-            raise ValueError("speculative decoding runs on one process: use it with TP=1 and EP=1")
+        if self._tp > 1 or self._sync_group is not None or self._pp_group is not None:
+            raise ValueError("speculative decoding runs on one process: use it with TP=1, EP=1 and PP=1")
 
     def _choose_graphs(self, wanted: bool | None) -> bool:
         if wanted is False:
             return False
         refusal = graph_refusal(list(self.model.decoder.layers), self.device, self._tp)
+        if self._pp_group is not None:
+            refusal = "pipeline parallelism (each decode step exchanges hidden states between stages)"
         if refusal is not None and wanted:
             raise ValueError(f"cuda_graphs=True cannot be honoured: {refusal}; pass cuda_graphs=None or False")
         if refusal is not None:
@@ -249,18 +275,22 @@ class RolloutEngine:
             raise ValueError("stop strings need the engine to be built with a tokenizer")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        if seeds is not None and self._pp_group is not None:
+            raise ValueError("per-sequence seeds run the per-row loop, which needs PP=1: leave seeds out with PP > 1")
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
-        with _eval_mode(self.model):
+        with _eval_mode(self.chunks):
             if seeds is None and self.max_batch is None and not self.speculative:
-                return self._generate([list(p) for p in prompts], params)
+                out = self._generate([list(p) for p in prompts], params)
+                self._share_generator()
+                return out
             return self._generate_rows([list(p) for p in prompts], params, seeds)
 
     # ---- internals ------------------------------------------------------------------------------------
 
     def _decoder_for(self, max_len: int) -> CachedDecoder:
         if self._decoder is None or self._decoder.max_len < max_len:
-            self._decoder = CachedDecoder(self.model, max(max_len, 256), self._tp_group)
+            self._decoder = CachedDecoder(self.chunks, max(max_len, 256), self._tp_group, self._pp_group)
         return self._decoder
 
     def _graphed_for(self, batch: int, max_len: int) -> GraphedDecoder:
@@ -287,21 +317,44 @@ class RolloutEngine:
         both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)]).cpu()  # (2, b); ids < 2**53
         return [int(x) for x in both[0].tolist()], both[1].tolist()
 
-    def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+    def _mask_vocab(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        if logits is None:  # a pipeline stage other than the last
+            return None
         if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
             logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries are never sampled
         return logits
 
-    def _logits(self, decoder: CachedDecoder, ids: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+    def _logits(
+        self, decoder: CachedDecoder, ids: torch.Tensor, step: StepInputs, cache: KVCache
+    ) -> torch.Tensor | None:
         return self._mask_vocab(decoder.step(ids, step, cache))
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, logps = sample_tokens(logits, params, self.generator)
-        if self._tp_group is not None:
-            src = torch.distributed.get_global_rank(self._tp_group, 0)
-            torch.distributed.broadcast(tokens, src=src, group=self._tp_group)
-            torch.distributed.broadcast(logps, src=src, group=self._tp_group)
-        return tokens, logps
+    def _sample(
+        self, logits: torch.Tensor | None, params: SamplingParams, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and log-probabilities (rows,) of ``logits`` (rows, V); under pipeline parallelism the last
+        stage samples (``logits`` is None elsewhere) and broadcasts both to its pipeline group."""
+        if logits is not None:
+            tokens, logps = sample_tokens(logits, params, self.generator)
+            if self._tp_group is not None:
+                src = torch.distributed.get_global_rank(self._tp_group, 0)
+                torch.distributed.broadcast(tokens, src=src, group=self._tp_group)
+                torch.distributed.broadcast(logps, src=src, group=self._tp_group)
+            if self._pp_group is None:
+                return tokens, logps
+            both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)])  # (2, rows); ids < 2**53
+        else:
+            both = torch.empty(2, rows, dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(both, src=self._pp_last, group=self._pp_group)
+        return both[0].long(), both[1]
+
+    def _share_generator(self) -> None:
+        """Under pipeline parallelism: every stage takes the last stage's generator state (it drew the samples)."""
+        if self._pp_group is None:
+            return
+        state = self.generator.get_state().to(self.device)
+        torch.distributed.broadcast(state, src=self._pp_last, group=self._pp_group)
+        self.generator.set_state(state.cpu())
 
     def _any_rank_active(self, active: bool) -> bool:
         if self._sync_group is None:
@@ -466,7 +519,8 @@ class RolloutEngine:
         out_logps: list[list[float]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         for t in itertools.count():
-            tokens, logps = self._sample(logits[: len(batch.rows)], params)  # (real rows,) on the device
+            live_logits = logits[: len(batch.rows)] if logits is not None else None  # None off the last stage
+            tokens, logps = self._sample(live_logits, params, len(batch.rows))  # (real rows,) on the device
             host_tokens, host_logps = self._to_host(tokens, logps)
             for r, (orig, tok, lp) in enumerate(zip(batch.rows, host_tokens, host_logps, strict=True)):
                 if not batch.live[r]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,9 +51,6 @@ from r1mega.rollout.sampling import (
     sampling_probs,
     speculative_accept,
 )
-
-if TYPE_CHECKING:
-    from r1mega.rollout.engine import RolloutEngine
 
 REFILL_SHARE = 8
 """Waiting prompts are prefilled once at least 1/8 of the rows (and at least one) are free, so that
@@ -76,7 +73,7 @@ class RowScheduler:
 
     def __init__(
         self,
-        engine: RolloutEngine,
+        engine: Any,  # the RolloutEngine that owns this call (not imported: the engine imports this module)
         prompts: list[list[int]],
         params: SamplingParams,
         seeds: list[int],

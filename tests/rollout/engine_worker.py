@@ -20,10 +20,16 @@ from r1mega.rollout.engine import RolloutEngine
 from r1mega.rollout.sampling import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [100, 200, 300, 400, 500, 600, 700], [42], [7, 7, 7, 9]]
+LAYOUTS = {  # layouts without a preset of their own
+    "tp2pp2": ["parallel=tp2", "parallel.pipeline_model_parallel_size=2", "parallel.world_size=4"],
+    "pp2vpp2": ["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2"],
+    "pp2ep2": ["parallel=pp2", "parallel.expert_model_parallel_size=2", "parallel.world_size=4"],
+}
 
 
 def main(out: str, model: str, layout: str) -> None:
-    cfg = compose_config([f"model={model}", f"parallel={layout}", "model.init_method_std=0.2"])
+    parallel = LAYOUTS.get(layout, [f"parallel={layout}"])
+    cfg = compose_config([f"model={model}", *parallel, "model.init_method_std=0.2"])
     ctx = initialize(cfg)
     rank = torch.distributed.get_rank()
     torch.manual_seed(1234)
@@ -35,20 +41,23 @@ def main(out: str, model: str, layout: str) -> None:
         load_weights(chunks, init)
     engine = RolloutEngine(chunks, seed=7, groups=ctx.groups)
     ep = cfg.parallel.expert_model_parallel_size
-    mine = list(range(len(PROMPTS)))[rank::ep] if ep > 1 else list(range(len(PROMPTS)))
+    ep_rank = torch.distributed.get_rank(ctx.groups.ep) if ep > 1 else 0
+    mine = list(range(len(PROMPTS)))[ep_rank::ep] if ep > 1 else list(range(len(PROMPTS)))
     prompts = [PROMPTS[i] for i in mine]
     result = {}
     for name, params in {
-        "greedy": SamplingParams(temperature=0, max_new_tokens=10 - 3 * rank * (ep > 1)),
-        "sampled": SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * rank * (ep > 1), seed=99),
+        "greedy": SamplingParams(temperature=0, max_new_tokens=10 - 3 * ep_rank),
+        "sampled": SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * ep_rank, seed=99),
     }.items():
         outs = engine.generate(prompts, params)
         result[name] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
-    # Continuous batching: two rows, per-sequence seeds; under EP ranks prefill at different steps.
-    rows = RolloutEngine(chunks, groups=ctx.groups, max_batch=2)
-    params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * rank * (ep > 1))
-    outs = rows.generate(prompts, params, seeds=[1000 + i for i in mine])
-    result["continuous"] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
+    result["generator"] = engine.generator.get_state().sum().item()  # every pipeline stage holds the same state
+    if cfg.parallel.pipeline_model_parallel_size == 1:  # the per-row loop runs without pipeline parallelism
+        # Continuous batching: two rows, per-sequence seeds; under EP ranks prefill at different steps.
+        rows = RolloutEngine(chunks, groups=ctx.groups, max_batch=2)
+        params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * ep_rank)
+        outs = rows.generate(prompts, params, seeds=[1000 + i for i in mine])
+        result["continuous"] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
     with open(os.path.join(out, f"{layout}-{model}-rank{rank}.json"), "w") as f:
         json.dump(result, f)
     del ctx

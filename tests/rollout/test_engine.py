@@ -160,12 +160,12 @@ def test_latent_cache_size():
         assert engine.stats.cache_bytes_per_token == 4 * (32 + 8) * 4  # layers * (r + dr) * fp32 bytes
 
 
-def test_pipeline_parallel_is_refused():
+def test_pipeline_stage_needs_its_pipeline_group():
     cfg = compose_config(["model=qwen2_tiny"])
     with single_process(cfg):
         m = build_model(cfg)[0]
         m.post_process = False
-        with pytest.raises(ValueError, match="pipeline_model_parallel_size=1"):
+        with pytest.raises(ValueError, match="pass the pipeline group"):
             RolloutEngine([m]).generate(PROMPTS, SamplingParams(max_new_tokens=2))
 
 

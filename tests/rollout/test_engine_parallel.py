@@ -47,3 +47,49 @@ def test_expert_parallel_ranks_with_different_work_match_single_process(tmp_path
                 assert logprobs == pytest.approx(ref[i][1][: len(tokens)], abs=1e-4)
                 seen.add(i)
         assert seen == set(ref)
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """The one-process reference runs (and the weights every other layout loads), once per model."""
+    out = tmp_path_factory.mktemp("single")
+    for model in ("qwen2_tiny", "dsv3_tiny"):
+        run_ranks(WORKER, [str(out), model, "single"], world_size=1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "layout", "world"),
+    [("qwen2_tiny", "pp2", 2), ("dsv3_tiny", "pp2vpp2", 2), ("dsv3_tiny", "tp2pp2", 4)],
+)
+def test_pipeline_parallel_matches_single_process(single_runs, model, layout, world):
+    """Pipelined decoding in the training layout (PP=2, virtual stages, TP=2 x PP=2; MLA latent cache, MoE):
+    greedy and seeded-sampled tokens equal the single process's on every rank, and the sampler's generator
+    ends in the same state on every pipeline stage (the last stage's draws, shared)."""
+    run_ranks(WORKER, [str(single_runs), model, layout], world_size=world)
+    ref = _read(single_runs, "single", model, 0)
+    for rank in range(world):
+        got = _read(single_runs, layout, model, rank)
+        assert got["generator"] == ref["generator"], rank
+        for mode in ("greedy", "sampled"):
+            for i, (tokens, logprobs) in ref[mode].items():
+                assert got[mode][i][0] == tokens, (mode, i, rank)
+                tol = 0 if "tp" not in layout else 1e-5  # PP alone computes the same ops on the same tensors
+                assert got[mode][i][1] == pytest.approx(logprobs, abs=tol, rel=0), (mode, i, rank)
+
+
+@pytest.mark.slow
+def test_pipeline_and_expert_parallel_match_single_process(single_runs):
+    """PP=2 x EP=2 (4 processes): the two pipelines are expert-parallel peers with their own prompts and
+    length limits; each stage keeps serving its peer's MoE exchanges until both pipelines finish."""
+    run_ranks(WORKER, [str(single_runs), "dsv3_tiny", "pp2ep2"], world_size=4)
+    ref = _read(single_runs, "single", "dsv3_tiny", 0)["greedy"]
+    seen = set()
+    for rank in range(4):
+        got = _read(single_runs, "pp2ep2", "dsv3_tiny", rank)["greedy"]
+        for i, (tokens, logprobs) in got.items():
+            assert tokens == ref[i][0][: len(tokens)], (i, rank)
+            assert logprobs == pytest.approx(ref[i][1][: len(tokens)], abs=1e-5)
+            seen.add(i)
+    assert seen == set(ref)
