@@ -55,7 +55,8 @@ def run_job(dcfg: DictConfig, job: Job) -> Any:
     to record against the job, see ``main_for``)."""
     from r1mega.utils.logging import setup_logging
 
-    with user_errors():
+    errors = nullcontext if sweeps.in_multirun() else user_errors
+    with errors():
         cfg = to_typed(dcfg)
     cfg = dataclasses.replace(cfg, run_dir=sweeps.job_run_dir(cfg.run_dir))
     sweeps.enable_r1mega_loggers()
@@ -65,7 +66,7 @@ def run_job(dcfg: DictConfig, job: Job) -> Any:
 
     with submitit_preemption():
         try:
-            with nullcontext() if sweeps.in_multirun() else user_errors():
+            with errors():
                 ctx = bootstrap.initialize(cfg)
                 return job(cfg, ctx)
         finally:
