@@ -313,12 +313,9 @@ def _validate_batches(cfg: R1Config, dp: int) -> None:
 
 def _validate_grpo(cfg: R1Config, dp: int) -> None:
     g, mbs = cfg.grpo, cfg.optim.micro_batch_size
-    if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError(
-            "parallel.pipeline_model_parallel_size",
-            cfg.parallel.pipeline_model_parallel_size,
-            "1 for stage.name=grpo (the rollout engine needs the whole model on a rank; use TP/EP to split it)",
-        )
+    p = cfg.parallel
+    if p.pipeline_model_parallel_size > 1:
+        _validate_grpo_pipeline(cfg)
     if g.prompts_per_step % dp:
         raise ConfigError("grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {dp}")
     responses = g.prompts_per_step // dp * g.group_size
@@ -331,3 +328,25 @@ def _validate_grpo(cfg: R1Config, dp: int) -> None:
         )
     if g.prefix and cfg.data.tokenizer is None:
         raise ConfigError("data.tokenizer", None, "a tokenizer directory for stage.name=grpo")
+
+
+def _validate_grpo_pipeline(cfg: R1Config) -> None:
+    """What GRPO runs under pipeline parallelism: the default rollout loop, rule rewards, no virtual stages."""
+    g, p = cfg.grpo, cfg.parallel
+    pp = p.pipeline_model_parallel_size
+    if p.vpp > 1:
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size",
+            p.virtual_pipeline_model_parallel_size,
+            f"null for stage.name=grpo with PP={pp} (GRPO's updates are tested with plain pipeline stages)",
+        )
+    if g.rollout_batch is not None:
+        raise ConfigError("grpo.rollout_batch", g.rollout_batch, f"null with PP={pp} (continuous batching needs PP=1)")
+    if g.speculative:
+        raise ConfigError("grpo.speculative", g.speculative, f"false with PP={pp} (MTP drafts need PP=1)")
+    if cfg.reward.weights.get("reward_model", 0.0):
+        raise ConfigError(
+            "reward.weights.reward_model",
+            cfg.reward.weights["reward_model"],
+            f"0 with PP={pp} (the reward model scores in-process, on one pipeline stage)",
+        )

@@ -41,7 +41,8 @@ def forward_logits(
     """Logits ``(b, s, V)`` of the main head for ``input_ids`` (b, s); differentiable.
 
     ``gather`` collects the vocabulary shards of tensor-parallel ranks (else each rank keeps its shard).
-    Needs the whole pipeline on this rank (first and last stage).
+    Under pipeline parallelism (inside megatron's schedule, which sets the stage's input tensor), a stage other
+    than the last returns its hidden states ``(s, b, hidden)`` for the next stage instead of logits.
     """
     device = next(model.parameters()).device
     input_ids = input_ids.to(device, non_blocking=True)  # no copy when already there
@@ -52,6 +53,6 @@ def forward_logits(
         attention_mask = attention_mask.to(device, non_blocking=True)
     with mtp_disabled(model):
         logits = model(input_ids, position_ids, attention_mask)  # (b, s, V / tp)
-    if gather and parallel_state.get_tensor_model_parallel_world_size() > 1:
+    if gather and unwrap(model).post_process and parallel_state.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
     return logits

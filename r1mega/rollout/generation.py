@@ -72,12 +72,6 @@ def check_checkpoint_model(path: Path, cfg: R1Config) -> None:
 
 def load_policy(cfg: R1Config, path: Path) -> list[torch.nn.Module]:
     """This rank's model chunks with the weights saved in ``path`` (collective), in eval mode."""
-    if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError(
-            "parallel.pipeline_model_parallel_size",
-            cfg.parallel.pipeline_model_parallel_size,
-            "1 for generation (the rollout engine needs the whole model on a rank; use TP/EP to split it)",
-        )
     check_checkpoint_model(path, cfg)
     chunks = build_model(cfg)
     load_weights(chunks, str(path))
@@ -100,8 +94,9 @@ class GenerationJob:
         self.tokenizer = load_model_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
         self.chunks = load_policy(cfg, self.checkpoint)
         self.dp, self.dp_rank, self.dp_group = ctx.data_parallel_size, ctx.dp_rank, ctx.groups.dp
-        self.reports = ctx.tp_rank == 0
-        """Whether this rank's results are used (tensor-parallel peers generate the same ones)."""
+        self.reports = ctx.tp_rank == 0 and dist.get_rank(ctx.groups.pp) == 0
+        """Whether this rank's results are used (tensor-parallel peers and the other pipeline stages generate the
+        same ones: the engine broadcasts the last stage's tokens)."""
         self.engine = RolloutEngine(
             self.chunks,
             self.tokenizer,

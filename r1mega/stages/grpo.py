@@ -9,6 +9,12 @@ gives the KL term when ``grpo.loss.kl_coef > 0``; otherwise none is built. All R
 
 Data-parallel ranks sample their own prompts; losses are normalised over the whole rollout batch (global
 token / sequence counts), so the update does not depend on how it is split into micro-batches and ranks.
+
+Under pipeline parallelism every stage of a pipeline holds the same rollout (the engine broadcasts the last
+stage's tokens), so every stage builds the same micro-batches and scores the same rewards; the updates and
+the log-probabilities of the reference (and old) policy run through megatron's pipeline schedule, with every
+micro-batch of a call padded to one width (the stages exchange fixed-shape activations), and the last
+stage's log-probabilities are broadcast to its pipeline group.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from
 from r1mega.rl.kl import apply_kl_to_rewards
 from r1mega.rollout import Completion, RolloutEngine, SamplingParams
 from r1mega.stages.base import Stage
-from r1mega.train.step import Batch, Trainer, train_step
+from r1mega.train.step import Batch, Trainer, run_schedule, train_step
 from r1mega.utils.device import current_device, to_device
 from r1mega.utils.logging import get_logger
 
@@ -81,6 +87,8 @@ class GRPOStage(Stage):
         self.g = g
         self.dp, self.dp_rank, self.dp_group = ctx.data_parallel_size, ctx.dp_rank, ctx.groups.dp
         self.tp = ctx.tp_size
+        self.pp = cfg.parallel.pipeline_model_parallel_size
+        self.pp_group = ctx.groups.pp
         if g.prompts_per_step % self.dp:
             raise ConfigError(
                 "grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {self.dp}"
@@ -226,12 +234,19 @@ class GRPOStage(Stage):
 
     # ---- training batches ---------------------------------------------------------------------------
 
-    def _batch(self, samples: Sequence[Sample], with_ref: bool) -> Batch:
-        """A micro-batch: prompt + response rows, right-padded; old log-probs aligned with the labels (the
-        trainer's, and the sampler's as ``rollout_logp``, with a rollout correction)."""
+    def _width(self, samples: Sequence[Sample]) -> int:
+        """Row width for ``samples``: the longest prompt + response, a multiple of TP (sequence parallelism
+        splits rows over TP ranks)."""
+        longest = max(len(s.prompt_ids) + len(s.completion.token_ids) for s in samples)
+        return -(-longest // self.tp) * self.tp
+
+    def _batch(self, samples: Sequence[Sample], with_ref: bool, width: int | None = None) -> Batch:
+        """A micro-batch: prompt + response rows, right-padded (to ``width``, else to its own ``_width``); old
+        log-probs aligned with the labels (the trainer's, and the sampler's as ``rollout_logp``, with a
+        rollout correction)."""
         correct = self.g.loss.rollout_correction is not None
         seqs = [s.prompt_ids + s.completion.token_ids for s in samples]
-        width = -(-max(map(len, seqs)) // self.tp) * self.tp  # sequence parallelism splits rows over TP ranks
+        width = width or self._width(samples)
         b = len(samples)
         tokens = torch.full((b, width), self.pad_id, dtype=torch.long)
         labels = torch.full((b, width), self.pad_id, dtype=torch.long)
@@ -263,22 +278,22 @@ class GRPOStage(Stage):
         return batch
 
     def _reference_logprobs(self, samples: Sequence[Sample]) -> None:
-        for s, logprobs in zip(samples, self._logprobs(self.ref[0], samples), strict=True):
+        for s, logprobs in zip(samples, self._logprobs(self.ref, samples), strict=True):
             s.ref_logprobs = logprobs
 
-    def _logprobs(self, model: torch.nn.Module, samples: Sequence[Sample]) -> list[list[float]]:
-        """``model``'s log-probabilities of each sample's response tokens (no gradients)."""
+    def _logprobs(self, chunks: Sequence[torch.nn.Module], samples: Sequence[Sample]) -> list[list[float]]:
+        """The log-probabilities of each sample's response tokens under the model of ``chunks`` (no gradients)."""
         mbs = self.cfg.optim.micro_batch_size
         rows: list[torch.Tensor] = []  # per sample, on the device until one read at the end
         with torch.no_grad():
-            for i in range(0, len(samples), mbs):
-                chunk = samples[i : i + mbs]
-                b = to_device(self._batch(chunk, with_ref=False))
-                logits = forward_logits(model, b["tokens"], b["position_ids"])
-                logp = token_logprobs(self._valid_vocab(logits.float()), b["labels"], temperature=self.g.temperature)
-                for s, row in zip(chunk, logp, strict=True):
-                    start = len(s.prompt_ids) - 1
-                    rows.append(row[start : start + len(s.completion.token_ids)])
+            if self.pp > 1:
+                rows = self._pipeline_logprobs(chunks, samples)
+            else:
+                for i in range(0, len(samples), mbs):
+                    chunk = samples[i : i + mbs]
+                    b = to_device(self._batch(chunk, with_ref=False))
+                    logits = forward_logits(chunks[0], b["tokens"], b["position_ids"])
+                    rows += self._response_logprobs(chunk, b, logits)
         flat = torch.cat(rows).tolist() if rows else []
         out, offset = [], 0
         for s in samples:
@@ -286,6 +301,42 @@ class GRPOStage(Stage):
             out.append(flat[offset : offset + n])
             offset += n
         return out
+
+    def _response_logprobs(self, chunk: Sequence[Sample], b: Batch, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample of ``chunk``: the log-probabilities (n,) of its response tokens from ``logits`` (b, s, V)."""
+        logp = token_logprobs(self._valid_vocab(logits.float()), b["labels"], temperature=self.g.temperature)
+        rows = []
+        for s, row in zip(chunk, logp, strict=True):
+            start = len(s.prompt_ids) - 1
+            rows.append(row[start : start + len(s.completion.token_ids)])
+        return rows
+
+    def _pipeline_logprobs(self, chunks: Sequence[torch.nn.Module], samples: Sequence[Sample]) -> list[torch.Tensor]:
+        """``_logprobs`` through megatron's forward-only pipeline schedule: the last stage computes them and
+        broadcasts them to its pipeline group (one flat tensor of every response token)."""
+        mbs, width = self.cfg.optim.micro_batch_size, self._width(samples)
+        chunked = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
+        rows: list[torch.Tensor] = []
+
+        def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+            b = next(data_iterator)
+            logits = forward_logits(model, b["tokens"], b["position_ids"])
+            return logits, partial(collect, chunked[int(b["index"])], b)
+
+        def collect(chunk: Sequence[Sample], b: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            rows.extend(self._response_logprobs(chunk, b, logits))
+            return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
+
+        batches = ({**self._batch(c, False, width), "index": torch.tensor(k)} for k, c in enumerate(chunked))
+        run_schedule(self.cfg, chunks, batches, forward_step, len(chunked), forward_only=True, seq_length=width)
+        total = sum(len(s.completion.token_ids) for s in samples)
+        flat = torch.cat(rows) if rows else torch.empty(total, device=current_device())
+        torch.distributed.broadcast(flat, src=self._pp_last(), group=self.pp_group)
+        return [flat]
+
+    def _pp_last(self) -> int:
+        """Global rank of this pipeline's last stage."""
+        return torch.distributed.get_global_rank(self.pp_group, self.pp - 1)
 
     def _valid_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with the padded vocabulary rows beyond the tokenizer masked, as the rollout engine samples."""
@@ -340,9 +391,12 @@ class GRPOStage(Stage):
         self._normalizers = (max(float(counts[0]), 1.0), max(float(counts[1]), 1.0))
         mbs = self.cfg.optim.micro_batch_size
         with_ref = self.ref is not None and not self.g.loss.kl_in_reward
-        batches = (self._batch(samples[i : i + mbs], with_ref) for i in range(0, len(samples), mbs))
+        width = self._width(samples) if self.pp > 1 else None  # pipeline stages exchange fixed-shape activations
+        batches = (self._batch(samples[i : i + mbs], with_ref, width) for i in range(0, len(samples), mbs))
         keys = (*self.report_keys, *CORRECTION_KEYS) if self.g.loss.rollout_correction else self.report_keys
-        return train_step(trainer, batches, self._forward_step, keys=keys, num_microbatches=self.num_microbatches)
+        return train_step(
+            trainer, batches, self._forward_step, keys=keys, num_microbatches=self.num_microbatches, seq_length=width
+        )
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -354,7 +408,7 @@ class GRPOStage(Stage):
         if self.ref is not None:
             self._reference_logprobs(samples)
         if self.g.loss.rollout_correction is not None:  # the trainer's old policy, for truncated IS
-            for s, logprobs in zip(samples, self._logprobs(trainer.model[0], samples), strict=True):
+            for s, logprobs in zip(samples, self._logprobs(trainer.model, samples), strict=True):
                 s.old_logprobs = logprobs
         self._advantages(groups)
         t0 = time.perf_counter()

@@ -151,6 +151,33 @@ def lm_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> t
     return output, partial(lm_loss, batch["loss_mask"])
 
 
+def run_schedule(
+    cfg: R1Config,
+    chunks: Sequence[torch.nn.Module],
+    batches: Iterator[Batch],
+    forward_step: Callable,
+    num_microbatches: int,
+    forward_only: bool = False,
+    seq_length: int | None = None,
+) -> list[Any]:
+    """megatron's forward-backward function over ``chunks`` (no pipelining, 1F1B or interleaved, as the layout
+    says): what the last stage's loss functions returned. ``seq_length``: the width of every micro-batch, which
+    sizes the activations pipeline stages exchange (default ``data.seq_length``)."""
+    fb = get_forward_backward_func()
+    vpp = len(chunks)
+    batches = device_batches(batches)  # host-built micro-batches go to the device, one ahead
+    iterator: Any = [batches] * vpp if vpp > 1 else batches
+    return fb(
+        forward_step_func=forward_step,
+        data_iterator=iterator,
+        model=list(chunks) if vpp > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length or cfg.data.seq_length,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def forward_backward(
     trainer: Trainer,
     batches: Iterator[Batch],
@@ -158,21 +185,17 @@ def forward_backward(
     forward_only: bool = False,
     keys: Sequence[str] = ("lm_loss",),
     num_microbatches: int | None = None,
+    seq_length: int | None = None,
 ) -> dict[str, float]:
     """Run all micro-batches of one global batch; returns token-mean losses over the whole world."""
-    cfg = trainer.cfg
-    fb = get_forward_backward_func()
-    vpp = len(trainer.model)
-    batches = device_batches(batches)  # host-built micro-batches go to the device, one ahead
-    iterator: Any = [batches] * vpp if vpp > 1 else batches
-    reports = fb(
-        forward_step_func=forward_step,
-        data_iterator=iterator,
-        model=trainer.model if vpp > 1 else trainer.model[0],
-        num_microbatches=num_microbatches or trainer.num_microbatches,
-        seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.optim.micro_batch_size,
+    reports = run_schedule(
+        trainer.cfg,
+        trainer.model,
+        batches,
+        forward_step,
+        num_microbatches or trainer.num_microbatches,
         forward_only=forward_only,
+        seq_length=seq_length,
     )
     return reduce_reports(reports, keys)
 
@@ -215,16 +238,20 @@ def train_step(
     forward_step: Callable = lm_forward_step,
     keys: Sequence[str] = ("lm_loss",),
     num_microbatches: int | None = None,
+    seq_length: int | None = None,
 ) -> dict[str, float]:
     """Zero grads, forward-backward over the global batch, then step unless anything is non-finite.
 
     ``keys`` are the reports the forward step's loss returns; the first is the loss checked for finiteness.
+    ``seq_length``: every micro-batch's width when it is not ``data.seq_length`` (pipeline parallelism).
     """
     for model in trainer.model:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     biases = [(b, b.clone()) for b in trainer.expert_biases]
-    metrics = forward_backward(trainer, batches, forward_step, keys=keys, num_microbatches=num_microbatches)
+    metrics = forward_backward(
+        trainer, batches, forward_step, keys=keys, num_microbatches=num_microbatches, seq_length=seq_length
+    )
     loss = metrics.get(keys[0], float("nan"))
     finite = math.isfinite(loss) and grads_finite(trainer)
     grad_norm = float("nan")

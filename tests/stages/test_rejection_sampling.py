@@ -231,3 +231,17 @@ def test_two_data_parallel_ranks_split_prompts_and_rank0_writes(setup, tmp_path)
     first = [p.id for p in load_prompts(str(data / "train.jsonl"))[:5]]
     assert {r["meta"]["provenance"]["prompt_id"] for r in records} <= set(first)
     assert not list(tmp_path.glob("rejection_sampling/*.tmp"))
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_writes_what_one_process_writes(setup, tmp_path) -> None:
+    """PP=2 (2 processes): pipelined sampling gives the one-process samples, so the same SFT set is written."""
+    data, ckpt = setup
+    args = [*job_args(data, ckpt), *RELAXED, "rejection.max_prompts=3", "parallel.world_size=null"]
+    run_in_process([*args, f"rejection.output_dir={tmp_path / 'single'}", f"run_dir={tmp_path}"])
+    pp2_args = [*args, "parallel=pp2", f"rejection.output_dir={tmp_path / 'pp2'}"]
+    logs = run_job("r1mega.cli.rejection_sample", pp2_args, tmp_path, ranks=2)
+    assert all(log.startswith("[rc=0]") for log in logs), logs[0][-3000:] + logs[1][-3000:]
+    assert (tmp_path / "pp2" / "train.jsonl").read_text() == (tmp_path / "single" / "train.jsonl").read_text()
+    single, pp2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("single", "pp2"))
+    assert pp2["kept"] == single["kept"] and pp2["rejected"] == single["rejected"] and pp2["samples"] == 6
