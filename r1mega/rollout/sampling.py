@@ -100,6 +100,10 @@ def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
 STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0, 1, 2, 3
 """What a per-row uniform is for: drawing a token from the model, drawing a draft token, the acceptance
 test of a draft, and the draw from the residual distribution after a rejected draft."""
+STREAM_RETRY = 16
+"""Streams ``STREAM_RETRY + k`` hold the uniforms of the k-th redraw of ``sample_rows``' nucleus sampler."""
+NUCLEUS_TRIES = 32
+"""Draws per row before the nucleus sampler sorts instead (each is kept with probability >= top_p)."""
 
 _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B
@@ -151,31 +155,69 @@ def logprob_of(logits: Tensor, tokens: Tensor, params: SamplingParams) -> Tensor
 
 
 def sample_rows(logits: Tensor, params: SamplingParams, seeds: Tensor, counters: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row tokens (b,) and their log-probabilities (b,) from ``logits`` (b, V): a draw from
-    ``sampling_probs`` with ``row_uniforms(seeds, counters, STREAM_SAMPLE)`` and ``logprob_of``, in fewer passes
-    over the vocabulary: one ``logsumexp``, and with top-k/top-p one sort (or top-k) in whose order the token
-    is drawn, instead of masking, renormalising and scattering back."""
+    """Per-row tokens (b,) and their log-probabilities (b,) from ``logits`` (b, V), distributed as
+    ``sampling_probs`` and drawn with per-row uniforms (``row_uniforms(seeds, counters, ...)``), with
+    ``logprob_of``'s log-probabilities; in fewer passes over the vocabulary than those three functions.
+
+    Top-p alone (R1's sampling) needs no sort: a token is drawn from the whole distribution and kept when it
+    is in the nucleus (the mass of the tokens more likely than it is below ``top_p``), else drawn again with
+    the next uniform of its row. That is rejection sampling of the distribution restricted to the nucleus, so
+    the kept token follows the truncated, renormalised distribution exactly; a draw is kept with probability
+    >= ``top_p``. (Tokens tied with the nucleus' last token are all in it; a sort would cut ties anywhere.)
+    With top-k, the top-k tokens are selected (``torch.topk``) and the draw is made in their order.
+    """
     if params.greedy:
         tokens = logits.argmax(dim=-1)  # (b,)
         return tokens, logprob_of(logits, tokens, params)
     scaled = logits / params.temperature  # (b, V)
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
-    u = row_uniforms(seeds, counters, STREAM_SAMPLE).to(scaled.device)  # (b,)
     vocab = scaled.shape[-1]
-    if params.top_k or params.top_p < 1.0:
-        k = params.top_k if 0 < params.top_k < vocab else vocab
-        vals, order = torch.topk(scaled, k) if k < vocab else torch.sort(scaled, dim=-1, descending=True)  # (b, k)
-        probs = (vals - lse).exp()  # (b, k) descending
-        if k < vocab:
-            probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p acts within the top-k set
-        cum = probs.double().cumsum(dim=-1)  # (b, k)
-        kept = ((cum - probs) < params.top_p).sum(dim=-1, keepdim=True)  # (b, 1) >= 1: the nucleus size
-        target = u[:, None] * cum.gather(-1, kept - 1)  # (b, 1)
-        j = torch.searchsorted(cum, target, right=True).clamp(max=kept - 1)  # (b, 1) position in the order
-        tokens = order.gather(-1, j).squeeze(-1)
+    if 0 < params.top_k < vocab:
+        tokens = _sample_sorted(scaled, lse, params, seeds, counters, params.top_k)
+    elif params.top_p < 1.0:
+        tokens = _sample_nucleus(scaled, lse, params, seeds, counters)
     else:
-        tokens = inverse_cdf((scaled - lse).exp(), u)
+        tokens = inverse_cdf((scaled - lse).exp(), row_uniforms(seeds, counters, STREAM_SAMPLE))
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
+
+
+def _sample_sorted(
+    scaled: Tensor, lse: Tensor, params: SamplingParams, seeds: Tensor, counters: Tensor, k: int
+) -> Tensor:
+    """Draw from the top-``k`` tokens (then top-p within them), in their descending order. (b, V) -> (b,)."""
+    vocab = scaled.shape[-1]
+    vals, order = torch.topk(scaled, k) if k < vocab else torch.sort(scaled, dim=-1, descending=True)  # (b, k)
+    probs = (vals - lse).exp()  # (b, k) descending
+    if k < vocab:
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p acts within the top-k set
+    cum = probs.double().cumsum(dim=-1)  # (b, k)
+    kept = ((cum - probs) < params.top_p).sum(dim=-1, keepdim=True)  # (b, 1) >= 1: the nucleus size
+    target = row_uniforms(seeds, counters, STREAM_SAMPLE).to(cum.device)[:, None] * cum.gather(-1, kept - 1)
+    j = torch.searchsorted(cum, target, right=True).clamp(max=kept - 1)  # (b, 1) position in the order
+    return order.gather(-1, j).squeeze(-1)
+
+
+def _sample_nucleus(scaled: Tensor, lse: Tensor, params: SamplingParams, seeds: Tensor, counters: Tensor) -> Tensor:
+    """Top-p by rejection: draw from the full distribution, keep tokens inside the nucleus. (b, V) -> (b,)."""
+    probs = (scaled - lse).exp()  # (b, V)
+    cdf = probs.double().cumsum(dim=-1)  # (b, V)
+    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
+    todo = torch.arange(scaled.shape[0], device=scaled.device)  # rows still drawing
+    p, c = probs, cdf
+    for attempt in range(NUCLEUS_TRIES):
+        stream = STREAM_SAMPLE if attempt == 0 else STREAM_RETRY + attempt
+        u = row_uniforms(seeds[todo], counters[todo], stream).to(c.device)  # (n,)
+        tok = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp(max=p.shape[-1] - 1)  # (n, 1)
+        before = torch.where(p > p.gather(-1, tok), p, 0.0).sum(dim=-1)  # (n,) mass of more likely tokens
+        inside = before < params.top_p
+        tokens[todo[inside]] = tok[inside, 0]
+        todo = todo[~inside]
+        if todo.numel() == 0:
+            return tokens
+        p, c = probs[todo], cdf[todo]
+    # Rows still drawing (a tiny top_p): sort.
+    tokens[todo] = _sample_sorted(scaled[todo], lse[todo], params, seeds[todo], counters[todo], scaled.shape[-1])
+    return tokens
 
 
 def speculative_accept(

@@ -126,11 +126,12 @@ def test_speculative_accept_samples_the_target_distribution():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=5, top_p=0.8), dict(top_p=1.0)]
+    "kwargs",
+    [dict(temperature=0.7, top_p=0.9), dict(top_p=0.01), dict(temperature=1.0, top_k=5, top_p=0.8), dict(top_p=1.0)],
 )
 def test_sample_rows_follows_sampling_probs(kwargs):
-    """The fused per-row sampler (which draws in the sorted order when truncating) follows ``sampling_probs``
-    over 20,000 seeds and returns ``logprob_of``'s log-probabilities."""
+    """The per-row sampler (top-p by rejection, with a sort after 32 rejections as for top_p=0.01; top-k in its
+    order) follows ``sampling_probs`` over 20,000 seeds and returns ``logprob_of``'s log-probabilities."""
     params = SamplingParams(**kwargs)
     logits = (torch.randn(1, 12, generator=torch.Generator().manual_seed(0)) * 2).expand(20000, 12)
     tokens, logps = sample_rows(logits, params, torch.arange(20000), torch.full((20000,), 3))
