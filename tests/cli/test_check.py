@@ -21,6 +21,22 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*_command(), *args], capture_output=True, text=True, timeout=120)
 
 
+def test_deepseek_v3_grpo_layout_prints_rl_memory_and_time() -> None:
+    """The RL preset fits an H200 on every stage (reference, KV cache, activations included), not an H100."""
+    result = run_check("model=deepseek_v3", "stage=grpo", "parallel=dsv3_grpo_256")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "GRPO step: 32 prompts x 16 samples, responses up to 32768 tokens" in out
+    assert "KV cache 576 values/token/layer" in out and "recompute full" in out and "reference model on" in out
+    stages = re.findall(r"stage +(\d+): model state .* = ([\d.]+) GiB \(fits\)", out)
+    assert [int(s) for s, _ in stages] == list(range(16)), out
+    assert 80 < max(float(gib) for _, gib in stages) < 141
+    assert re.search(r"rollout \d+ s with 16 row groups in flight \(\d+ s with one", out)
+    assert "refit into a generation layout without PP" in out
+    h100 = run_check("model=deepseek_v3", "stage=grpo", "parallel=dsv3_grpo_256", "--gpu", "h100")
+    assert h100.returncode == 0 and "DOES NOT FIT" in h100.stdout
+
+
 def test_deepseek_v3_on_2048_ranks() -> None:
     result = run_check("model=deepseek_v3", "parallel=dsv3_2048", "precision=bf16")
     assert result.returncode == 0, result.stderr
