@@ -1,33 +1,39 @@
-"""Rollout throughput: r1mega's engine against Hugging Face ``generate`` on the same weights, in one run.
+"""Rollout throughput: r1mega's engine against Hugging Face ``generate`` and against the decode step's matmul
+floor, on the same weights, in one run.
 
-One process builds a dense Qwen2-architecture model through r1mega (megatron-core local layers), copies
-its weights into ``transformers.Qwen2ForCausalLM`` with r1mega's Qwen2 state-dict adapter, checks that
-both decode the same greedy tokens, then times batched sampling on both with the same prompts and
-settings (default: batch 16, prompts of 16-48 tokens, 128 new tokens, T=0.6, top-p 0.95; every
-completion runs the full 128 tokens, ``ignore_eos`` / ``min_new_tokens``, so both sides do the same
-work; ``--mean-length N`` instead ends responses at a block of stop tokens on both sides, giving the varied
-lengths of real rollouts, where finished rows stop costing r1mega compute but not HF). Throughput counts
-generated (useful) tokens. HF uses its default dynamic KV cache and ``attn_implementation="sdpa"``. The two sides alternate
-over ``--rounds`` so a load change on a shared machine hits both; the median is reported.
+One process builds a dense Qwen2-architecture model through r1mega (megatron-core local layers), copies its
+weights into ``transformers.Qwen2ForCausalLM`` with r1mega's Qwen2 state-dict adapter, checks that both decode
+the same greedy tokens, then times sampling (T=0.6, top-p 0.95; prompts of 16-48 tokens, up to 128 new tokens)
+for each batch size (``--batch``, default 16 and 64) and each length mix (``--lengths``):
 
-It also measures the MoE+MLA model (a DeepSeek-V3-shaped model at hidden 512): tokens/s and the latent
-cache's bytes per token against what standard multi-head attention would cache for the same model.
+- ``fixed``: one batch of prompts, every completion runs the full ``--new-tokens`` (``ignore_eos`` /
+  ``min_new_tokens``), so every side does the same work;
+- ``varied``: ``--prompts-per-row`` x batch prompts whose responses end at a block of stop tokens on every side
+  (mean ``--mean-length`` tokens, cut at ``--new-tokens``): the varied lengths of real rollouts.
 
-On a GPU (``--device cuda``, bf16 by default) the dense comparison has three sides: r1mega with eager decode
-steps, r1mega replaying CUDA-graph decode steps, and HF ``generate`` (dynamic cache, sdpa, bf16). It also
-prints the memory-bound floor: a decode step reads every weight once plus each row's KV cache up to its
-position, so ``floor seconds = sum over steps of (weight bytes + cache bytes read) / bandwidth``, with the
-bandwidth of a large device-to-device copy measured in the same run (read + write bytes); tokens/s at that
-floor and the fraction each side reaches (prefill, sampling and logits traffic are not in the floor). The last
-line, ``ROLLOUT_GPU {json}``, is the machine-readable summary.
+Sides, each holding at most ``batch`` rows at once: **r1mega** (the engine's default loop, one ``generate`` per
+batch of prompts; finished rows are dropped, never replaced), **r1mega CB** (continuous batching:
+``max_batch=batch``, finished rows replaced by waiting prompts), **HF** (``generate`` per batch of prompts,
+default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps costing compute until its batch
+ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
+shapes). Throughput counts generated (useful) tokens; the sides and the floor alternate over ``--rounds`` so a
+load change on a shared machine hits all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
+shaped, hidden 512) gets the same table without HF.
+
+With ``--mtp-checkpoint``/``--mtp-data`` (defaults: the tiny pipeline's cold-start SFT, when present) it also
+measures MTP speculative decoding and the bf16 engine/trainer log-probability gap on that policy
+(``rollout_mtp``). The load average before and after is printed: other work on the machine slows every side.
+
+On a GPU (``--device cuda``, bf16 by default) the dense fixed-length comparison also runs r1mega with CUDA-graph
+decode steps and the memory-bound floor (``rollout_floor.decode_floor``); the last line, ``ROLLOUT_GPU {json}``,
+is the machine-readable summary.
 
 Example::
 
-    python bench/rollout_throughput.py                 # hidden 512, 8 layers, batch 16, 128 new tokens
-    python bench/rollout_throughput.py --threads 1 --rounds 5
-    python bench/rollout_throughput.py --preset h200   # cuda, bf16, hidden 2048, 16 layers, batch 64, 256 new
-    python bench/rollout_throughput.py --device cpu --hidden 64 --layers 2 --ffn 128 --vocab 512 --batch 4 \
-        --new-tokens 8 --rounds 1 --skip-moe           # the GPU code path's smoke test on a CPU
+    python bench/rollout_throughput.py                  # the CPU table: batch 16 and 64, fixed and varied
+    python bench/rollout_throughput.py --preset h200    # cuda, bf16, hidden 2048, 16 layers, batch 64, 256 new
+    python bench/rollout_throughput.py --device cpu --hidden 64 --layers 2 --ffn 128 --vocab 512 --batch 4 \\
+        --new-tokens 8 --rounds 1 --skip-moe --floor   # the GPU code path's smoke test on a CPU
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import warnings
 from typing import Any
 
 import torch
+from rollout_floor import MatmulFloor, copy_bandwidth, decode_floor
 
 QWEN = [
     "model=qwen2_tiny",
@@ -54,9 +61,9 @@ QWEN = [
 ]
 PRESETS = {
     "h200": dict(device="cuda", dtype="bf16", hidden=2048, layers=16, ffn=5632, heads=16, groups=4, vocab=32000,
-                 batch=64, prompt_min=64, prompt_max=128, new_tokens=256, rounds=3),
+                 batch=[64], lengths=["fixed"], prompt_min=64, prompt_max=128, new_tokens=256, rounds=3),
 }  # fmt: skip
-"""Named sizes: ``--preset h200`` is the issue's GPU measurement (~0.8B parameters, bf16)."""
+"""Named sizes: ``--preset h200`` is the GPU issue's measurement (~0.8B parameters, bf16)."""
 DSV3 = [
     "model=dsv3_tiny",
     "model.num_layers=4",
@@ -76,6 +83,10 @@ DSV3 = [
 ]
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(
@@ -90,25 +101,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=_ints, default=[16, 64], help="batch sizes (rows at once), comma-separated")
+    p.add_argument("--lengths", type=lambda s: s.split(","), default=["fixed", "varied"], help="fixed,varied")
     p.add_argument("--prompt-min", type=int, default=16)
     p.add_argument("--prompt-max", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--mean-length", type=int, default=40, help="mean response length of the varied mix")
+    p.add_argument("--prompts-per-row", type=int, default=4, help="varied mix: prompts = this x batch")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument(
-        "--mean-length",
-        type=int,
-        default=0,
-        help="0: every completion runs the full --new-tokens; N: responses of varied length, ~N tokens on average "
-        "(a block of the vocabulary ends a response on both sides, so lengths follow the same distribution)",
-    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--skip-moe", action="store_true", help="only the dense comparison")
-    p.add_argument(
-        "--floor",
-        action="store_true",
-        help="also measure the memory-bound floor and print the ROLLOUT_GPU summary (always on with --device cuda)",
-    )
+    p.add_argument("--skip-moe", action="store_true", help="only the dense model")
+    p.add_argument("--floor", action="store_true", help="also the memory-bound floor and ROLLOUT_GPU (on with cuda)")
+    p.add_argument("--mtp-checkpoint", default="runs/pipeline/cold_start_sft", help="cold-start SFT run (MTP trained)")
+    p.add_argument("--mtp-data", default="data/cold_start_easy", help="its data folder (tokenizer, eval prompts)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.preset:
@@ -119,19 +124,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _prompts(args: argparse.Namespace) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (args.batch,), generator=g).tolist()
-    return [torch.randint(10, args.vocab, (n,), generator=g).tolist() for n in lengths]
+# ---- workloads and sides ------------------------------------------------------------------------------------
+
+
+def _prompts(args: argparse.Namespace, n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (n,), generator=g).tolist()
+    return [torch.randint(10, args.vocab, (k,), generator=g).tolist() for k in lengths]
 
 
 def _stop_ids(args: argparse.Namespace) -> tuple[int, ...]:
     """Token ids that end a response: an untrained model samples nearly uniformly, so k of V ids end a
     response with probability ~k/V per token (a geometric length with mean ~V/k, cut at --new-tokens)."""
-    if not args.mean_length:
-        return ()
-    k = max(args.vocab // args.mean_length, 1)
-    return tuple(range(10, 10 + k))
+    return tuple(range(10, 10 + max(args.vocab // args.mean_length, 1)))
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _hf_model(cfg: Any, model: torch.nn.Module) -> torch.nn.Module:
@@ -197,104 +206,6 @@ def _time(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 20) -> float:
-    """Device memory bandwidth in bytes/s: a large device-to-device copy, counting bytes read plus written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    if device.type != "cuda":
-        return 2 * nbytes * repeats / _time(lambda: [dst.copy_(src) for _ in range(repeats)])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3)
-
-
-def decode_floor(weight_bytes: int, cache_bytes_per_token: float, lengths: list[int], steps: int, bw: float) -> float:
-    """Seconds for ``steps`` decode steps if each read every weight once plus each row's cache up to its
-    position (``lengths``: prompt lengths) at ``bw`` bytes/s."""
-    cached = sum(n + t for t in range(steps) for n in lengths)  # cached tokens read over all steps
-    return (steps * weight_bytes + cached * cache_bytes_per_token) / bw
-
-
-def _build_dense(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    from r1mega.config.load import compose_config
-
-    fmt = dict(hidden=args.hidden, layers=args.layers, ffn=args.ffn, vocab=args.vocab, heads=args.heads,
-               groups=args.groups)  # fmt: skip
-    overrides = [o.format(**fmt) for o in QWEN] + [f"precision={args.dtype}"]
-    if args.prompt_max + args.new_tokens > 1024:
-        overrides.append(f"model.max_position_embeddings={args.prompt_max + args.new_tokens}")
-    return compose_config(overrides), overrides
-
-
-def dense(args: argparse.Namespace) -> dict[str, Any]:
-    """r1mega engine (eager steps, and CUDA-graph steps on a GPU) vs HF generate on the same dense weights."""
-    from r1mega.models.builder import build_model
-    from r1mega.parallel.bootstrap import single_process
-    from r1mega.rollout import RolloutEngine, SamplingParams
-
-    cfg, overrides = _build_dense(args)
-    prompts = _prompts(args)
-    with single_process(cfg) as ctx:
-        torch.manual_seed(0)
-        model = build_model(cfg)[0].eval()
-        params = sum(p.numel() for p in model.parameters())
-        hf = _hf_model(cfg, model)
-        engines = {"r1mega": RolloutEngine([model], cuda_graphs=False)}
-        if ctx.device.type == "cuda":
-            engines["r1mega_graphs"] = RolloutEngine([model], cuda_graphs=True)
-        check = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
-        greedy = {k: [c.token_ids for c in e.generate(prompts[:4], check)] for k, e in engines.items()}
-        hf_greedy = _hf_generate(hf, prompts[:4], 16, sample=False)
-        stop = _stop_ids(args)
-        sampling = SamplingParams(
-            temperature=0.6, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True, stop_token_ids=stop
-        )
-
-        def ours(engine: Any) -> int:
-            return sum(len(c.token_ids) for c in engine.generate(prompts, sampling))
-
-        def theirs() -> int:
-            return sum(_length(row, stop) for row in _hf_generate(hf, prompts, args.new_tokens, True, stop))
-
-        runs: dict[str, Any] = {**{k: (lambda e=e: ours(e)) for k, e in engines.items()}, "hf": theirs}
-        if ctx.device.type == "cuda":
-            for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
-                fn()
-        seconds: dict[str, list[float]] = {k: [] for k in runs}
-        tokens: dict[str, list[int]] = {k: [] for k in runs}
-        for _ in range(args.rounds):  # the sides alternate so a load change hits all of them
-            for k, fn in runs.items():
-                seconds[k].append(_time(lambda fn=fn, k=k: tokens[k].append(fn())))
-        tok_s = {k: 1 / statistics.median(t / n for t, n in zip(seconds[k], tokens[k], strict=True)) for k in runs}
-        out = {
-            "model": "qwen2-architecture",
-            "device": str(ctx.device),
-            "dtype": args.dtype,
-            "params": params,
-            "overrides": overrides,
-            "greedy_tokens_identical": greedy["r1mega"] == hf_greedy,
-            "greedy_token_agreement": _agreement(greedy["r1mega"], hf_greedy),
-            "mean_length_setting": args.mean_length,
-            "r1mega_mean_length": statistics.mean(tokens["r1mega"]) / args.batch,
-            "hf_mean_length": statistics.mean(tokens["hf"]) / args.batch,
-            "r1mega_tok_s": tok_s["r1mega"],
-            "hf_tok_s": tok_s["hf"],
-            "ratio": tok_s["r1mega"] / tok_s["hf"],
-            "r1mega_s": seconds["r1mega"],
-            "hf_s": seconds["hf"],
-            "cache_bytes_per_token": engines["r1mega"].stats.cache_bytes_per_token,
-        }
-        if args.floor:
-            out.update(_gpu_report(args, model, engines, greedy, tok_s, seconds, prompts))
-        return out
-
-
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of token positions where two greedy runs agree before their first difference, per row."""
     same = 0
@@ -303,80 +214,203 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / max(sum(len(x) for x in a), 1)
 
 
-def _gpu_report(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    engines: dict[str, Any],
-    greedy: dict[str, list[list[int]]],
-    tok_s: dict[str, float],
-    seconds: dict[str, list[float]],
-    prompts: list[list[int]],
+def measure(
+    args: argparse.Namespace, model: torch.nn.Module, batch: int, lengths: str, hf: Any = None
 ) -> dict[str, Any]:
-    """The CUDA-graph side (when there is one), the memory-bound floor and the fractions reached."""
+    """One cell of the table: tokens/s of every side and of the floor at ``batch`` rows for one length mix."""
+    from r1mega.rollout import RolloutEngine, SamplingParams
+
+    varied = lengths == "varied"
+    prompts = _prompts(args, args.prompts_per_row * batch if varied else batch)
+    stop = _stop_ids(args) if varied else ()
+    params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True,
+                            stop_token_ids=stop)  # fmt: skip
+    engines = {
+        "r1mega": RolloutEngine([model], cuda_graphs=False),
+        "r1mega_cb": RolloutEngine([model], max_batch=batch),
+    }
+    if args.device == "cuda" and hf is not None and not varied:
+        engines["r1mega_graphs"] = RolloutEngine([model], cuda_graphs=True)
+
+    def default_loop(engine: Any) -> int:
+        return sum(len(c.token_ids) for chunk in _chunks(prompts, batch) for c in engine.generate(chunk, params))
+
+    runs: dict[str, Any] = {k: (lambda e=e: default_loop(e)) for k, e in engines.items() if k != "r1mega_cb"}
+    runs["r1mega_cb"] = lambda: sum(len(c.token_ids) for c in engines["r1mega_cb"].generate(prompts, params))
+    if hf is not None:
+        runs["hf"] = lambda: sum(
+            _length(row, stop)
+            for chunk in _chunks(prompts, batch)
+            for row in _hf_generate(hf, chunk, args.new_tokens, True, stop)
+        )
+    floor = MatmulFloor(model, batch)
+    if args.device == "cuda":
+        for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
+            fn()
+    else:  # warm-up on a small call: code paths, caches and the allocator
+        small = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=4)
+        for engine in engines.values():
+            engine.generate(prompts[:2], small)
+        if hf is not None:
+            _hf_generate(hf, prompts[:2], 4, True)
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    tokens: dict[str, list[int]] = {k: [] for k in runs}
+    for _ in range(args.rounds):  # the sides and the floor alternate so a load change hits all of them
+        for k, fn in runs.items():
+            seconds[k].append(_time(lambda fn=fn, k=k: tokens[k].append(fn())))
+            floor.time()
+    tok_s = {k: 1 / statistics.median(t / n for t, n in zip(seconds[k], tokens[k], strict=True)) for k in runs}
+    out: dict[str, Any] = {
+        "batch": batch, "lengths": lengths, "prompts": len(prompts), "floor_tok_s": floor.tok_s,
+        "floor_gflop_s": floor.flops * floor.tok_s / batch / 1e9,
+        "mean_length": {k: statistics.mean(tokens[k]) / len(prompts) for k in runs},
+        **{f"{k}_tok_s": v for k, v in tok_s.items()},
+        **{f"{k}_of_floor": v / floor.tok_s for k, v in tok_s.items()},
+        "seconds": seconds,
+    }  # fmt: skip
+    if hf is not None:
+        out["cb_vs_hf"], out["r1mega_vs_hf"] = tok_s["r1mega_cb"] / tok_s["hf"], tok_s["r1mega"] / tok_s["hf"]
+    if "r1mega_graphs" in engines:
+        out["graphs"] = {"on": engines["r1mega_graphs"].cuda_graphs,
+                         "captured": engines["r1mega_graphs"].stats.extra.get("graphs_captured", 0)}  # fmt: skip
+    out["cache_bytes_per_token"] = engines["r1mega"].stats.cache_bytes_per_token
+    return out
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+
+
+def dense(args: argparse.Namespace) -> dict[str, Any]:
+    """The dense table (r1mega, r1mega CB, HF, floor), the greedy check against HF and, on a GPU, the
+    bandwidth floor."""
+    from r1mega.config.load import compose_config
+    from r1mega.models.builder import build_model
+    from r1mega.parallel.bootstrap import single_process
+    from r1mega.rollout import RolloutEngine, SamplingParams
+
+    fmt = dict(hidden=args.hidden, layers=args.layers, ffn=args.ffn, vocab=args.vocab, heads=args.heads,
+               groups=args.groups)  # fmt: skip
+    overrides = [o.format(**fmt) for o in QWEN] + [f"precision={args.dtype}"]
+    if args.prompt_max + args.new_tokens > 1024:
+        overrides.append(f"model.max_position_embeddings={args.prompt_max + args.new_tokens}")
+    cfg = compose_config(overrides)
+    with single_process(cfg):
+        torch.manual_seed(0)
+        model = build_model(cfg)[0].eval()
+        hf = _hf_model(cfg, model)
+        check = _prompts(args, 4)
+        greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+        ours = [c.token_ids for c in RolloutEngine([model]).generate(check, greedy)]
+        theirs = _hf_generate(hf, check, 16, sample=False)
+        out: dict[str, Any] = {
+            "model": "qwen2-architecture", "device": args.device, "dtype": args.dtype,
+            "params": sum(p.numel() for p in model.parameters()), "overrides": overrides,
+            "greedy_tokens_identical": ours == theirs, "greedy_token_agreement": _agreement(ours, theirs),
+            "cells": [measure(args, model, b, lengths, hf) for b in args.batch for lengths in args.lengths],
+        }  # fmt: skip
+        if args.floor:
+            out.update(_gpu_report(args, model, out["cells"][0], check))
+        return out
+
+
+def _gpu_report(
+    args: argparse.Namespace, model: torch.nn.Module, cell: dict[str, Any], check: list[list[int]]
+) -> dict[str, Any]:
+    """The memory-bound floor of the first (fixed-length) cell, the CUDA-graph side and the fractions reached."""
+    from r1mega.rollout import RolloutEngine, SamplingParams
+
     device = next(model.parameters()).device
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth(device, nbytes=(2 << 30) if device.type == "cuda" else (64 << 20))
-    floor_s = decode_floor(weight_bytes, engines["r1mega"].stats.cache_bytes_per_token, [len(p) for p in prompts],
-                           args.new_tokens, bw)  # fmt: skip
-    floor_tok_s = args.batch * args.new_tokens / floor_s if not args.mean_length else None
+    prompts = _prompts(args, cell["batch"])
+    floor_s = decode_floor(weight_bytes, cell["cache_bytes_per_token"], [len(p) for p in prompts], args.new_tokens, bw)
+    floor_tok_s = cell["batch"] * args.new_tokens / floor_s if cell["lengths"] == "fixed" else None
     out: dict[str, Any] = {"graphs_on": False, "graphs_captured": 0}
-    graphs = engines.get("r1mega_graphs")
-    if graphs is not None:
+    if "r1mega_graphs_tok_s" in cell:
+        greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+        eager = [c.token_ids for c in RolloutEngine([model], cuda_graphs=False).generate(check, greedy)]
+        graphed = [c.token_ids for c in RolloutEngine([model], cuda_graphs=True).generate(check, greedy)]
         out = {
-            "graphs_on": graphs.cuda_graphs,
-            "graphs_captured": graphs.stats.extra.get("graphs_captured", 0),
-            "graphs_greedy_equal_eager": greedy["r1mega_graphs"] == greedy["r1mega"],
-            "graphs_greedy_agreement": _agreement(greedy["r1mega_graphs"], greedy["r1mega"]),
-            "r1mega_graphs_tok_s": tok_s["r1mega_graphs"],
-            "r1mega_graphs_s": seconds["r1mega_graphs"],
-            "graphs_vs_hf": tok_s["r1mega_graphs"] / tok_s["hf"],
-            "graphs_vs_eager": tok_s["r1mega_graphs"] / tok_s["r1mega"],
-            "graphs_prefill_s": graphs.stats.prefill_s,
-            "graphs_decode_s": graphs.stats.decode_s,
-            "floor_fraction_graphs": tok_s["r1mega_graphs"] / floor_tok_s if floor_tok_s else None,
-        }
+            "graphs_on": cell["graphs"]["on"], "graphs_captured": cell["graphs"]["captured"],
+            "graphs_greedy_equal_eager": graphed == eager, "graphs_greedy_agreement": _agreement(graphed, eager),
+            "r1mega_graphs_tok_s": cell["r1mega_graphs_tok_s"],
+            "graphs_vs_hf": cell["r1mega_graphs_tok_s"] / cell["hf_tok_s"],
+            "graphs_vs_eager": cell["r1mega_graphs_tok_s"] / cell["r1mega_tok_s"],
+            "floor_fraction_graphs": cell["r1mega_graphs_tok_s"] / floor_tok_s if floor_tok_s else None,
+        }  # fmt: skip
     return {
         **out,
         "weight_bytes": weight_bytes,
         "copy_bandwidth_gb_s": bw / 1e9,
         "floor_tok_s": floor_tok_s,
-        "floor_fraction_eager": tok_s["r1mega"] / floor_tok_s if floor_tok_s else None,
-        "floor_fraction_hf": tok_s["hf"] / floor_tok_s if floor_tok_s else None,
+        "floor_fraction_eager": cell["r1mega_tok_s"] / floor_tok_s if floor_tok_s else None,
+        "floor_fraction_hf": cell["hf_tok_s"] / floor_tok_s if floor_tok_s else None,
     }
 
 
 def moe_mla(args: argparse.Namespace) -> dict[str, Any]:
-    """Tokens/s and latent-cache size of a DeepSeek-V3-shaped MoE+MLA model at hidden ``--hidden``."""
+    """The MoE+MLA table (r1mega, r1mega CB, floor) and the latent cache's size against MHA's."""
     from r1mega.config.load import compose_config
     from r1mega.models.builder import build_model
     from r1mega.parallel.bootstrap import single_process
-    from r1mega.rollout import RolloutEngine, SamplingParams
     from r1mega.rollout.kv_cache import CacheLayout
 
     overrides = [o.format(hidden=args.hidden, ffn=args.ffn, vocab=args.vocab) for o in DSV3]
-    overrides.append(f"precision={args.dtype}")
-    cfg = compose_config(overrides)
-    prompts = _prompts(args)
+    cfg = compose_config([*overrides, f"precision={args.dtype}"])
     with single_process(cfg):
         torch.manual_seed(0)
         model = build_model(cfg)[0].eval()
-        engine = RolloutEngine([model])
-        sampling = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True)
-        engine.generate(prompts[:2] if args.device == "cpu" else prompts, SamplingParams(max_new_tokens=4))
-        times = [_time(lambda: engine.generate(prompts, sampling)) for _ in range(args.rounds)]
-        layout = CacheLayout.of(model.config)
-        elem = next(model.parameters()).element_size()
+        layout, elem = CacheLayout.of(model.config), next(model.parameters()).element_size()
         return {
             "model": "deepseek-v3-architecture (MLA + MoE)",
             "params": sum(p.numel() for p in model.parameters()),
             "overrides": overrides,
-            "tok_s": args.batch * args.new_tokens / statistics.median(times),
-            "seconds": times,
-            "cache_bytes_per_token": engine.stats.cache_bytes_per_token,
+            "cells": [measure(args, model, b, lengths) for b in args.batch for lengths in args.lengths],
             "cache_bytes_per_token_per_layer": layout.values_per_token * elem,
             "mha_bytes_per_token_per_layer": layout.mha_values_per_token * elem,
             "cache_fraction_of_mha": layout.values_per_token / layout.mha_values_per_token,
         }
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    """The Markdown table of every cell: tokens/s, share of the floor, ratios to HF."""
+
+    def pct(c: dict[str, Any], key: str) -> str:
+        return f"{100 * c[key]:.0f}%" if key in c else "-"
+
+    def num(c: dict[str, Any], key: str, fmt: str = "{:.0f}") -> str:
+        return fmt.format(c[key]) if key in c else "-"
+
+    lines = [
+        "| model | batch | lengths | r1mega tok/s | r1mega CB tok/s | HF tok/s | floor tok/s | r1mega / floor "
+        "| CB / floor | HF / floor | CB / HF | r1mega / HF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, name in (("dense", "dense"), ("moe_mla", "MoE+MLA")):
+        for c in results.get(key, {}).get("cells", []):
+            cells = [name, str(c["batch"]), c["lengths"], num(c, "r1mega_tok_s"), num(c, "r1mega_cb_tok_s"),
+                     num(c, "hf_tok_s"), num(c, "floor_tok_s"), pct(c, "r1mega_of_floor"), pct(c, "r1mega_cb_of_floor"),
+                     pct(c, "hf_of_floor"), num(c, "cb_vs_hf", "{:.2f}x"), num(c, "r1mega_vs_hf", "{:.2f}x")]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _print_mtp(results: dict[str, Any]) -> None:
+    for r in results.get("speculative", []):
+        print(
+            f"  MTP speculative, batch {r['batch']}, {r['sampling']}: plain {r['plain_tok_s']:.0f} tok/s, "
+            f"speculative {r['spec_tok_s']:.0f} tok/s ({r['speedup']:.2f}x), acceptance {100 * r['acceptance_rate']:.1f}%"
+            f", sequences identical to plain {r['identical']}/{r['rows']}"
+        )
+    for r in results.get("bf16_gap", []):
+        print(
+            f"  bf16 engine vs trainer log-probs, {r['model']} ({r['tokens']} tokens, T=1): |gap| mean "
+            f"{r['rollout_logp_gap']:.2e}, max {r['rollout_logp_gap_max']:.2e}; TIS (cap 2) mean weight "
+            f"{r['rollout_is_mean']:.4f}, truncated {100 * r['rollout_is_clipfrac']:.2f}%"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,54 +423,59 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.new_tokens}
+    load = os.getloadavg()
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "load_before": load}
     results["dense"] = d = dense(args)
-    lengths = f"mean length {d['r1mega_mean_length']:.1f} (r1mega) / {d['hf_mean_length']:.1f} (HF)"
     print(
-        f"dense {d['params'] / 1e6:.1f}M params ({d['dtype']}, {d['device']}), batch {args.batch}, prompts "
-        f"{args.prompt_min}-{args.prompt_max} tokens, up to {args.new_tokens} new tokens, T=0.6 top-p 0.95, {lengths}\n"
-        f"  r1mega {d['r1mega_tok_s']:.0f} tok/s | HF generate {d['hf_tok_s']:.0f} tok/s | ratio {d['ratio']:.2f}x"
-        f" | same greedy tokens: {d['greedy_tokens_identical']} (agreement {d['greedy_token_agreement']:.2f})"
+        f"dense {d['params'] / 1e6:.1f}M params ({d['dtype']}, {d['device']}): same greedy tokens as HF: "
+        f"{d['greedy_tokens_identical']} (agreement {d['greedy_token_agreement']:.2f})"
     )
-    if "r1mega_graphs_tok_s" in d:
-        print(
-            f"  r1mega CUDA graphs {d['r1mega_graphs_tok_s']:.0f} tok/s (on: {d['graphs_on']}, "
-            f"{d['graphs_captured']} graphs) | vs HF {d['graphs_vs_hf']:.2f}x | vs eager {d['graphs_vs_eager']:.2f}x"
-            f" | greedy = eager: {d['graphs_greedy_equal_eager']}"
-        )
-    if args.floor:
-        floor, pct = d["floor_tok_s"], lambda k: "n/a" if d.get(k) is None else f"{100 * d[k]:.1f}%"
-        print(
-            f"  floor: {d['weight_bytes'] / 1e9:.2f} GB weights + cache at {d['copy_bandwidth_gb_s']:.0f} GB/s copy "
-            f"bandwidth -> {'n/a with --mean-length' if floor is None else f'{floor:.0f} tok/s'}; reached: graphs "
-            f"{pct('floor_fraction_graphs')}, eager {pct('floor_fraction_eager')}, HF {pct('floor_fraction_hf')}"
-        )
     if not args.skip_moe:
-        try:
-            results["moe_mla"] = m = moe_mla(args)
-        except Exception as exc:  # noqa: BLE001 - a GPU run still reports the dense results
-            if args.device == "cpu":
-                raise
-            results["moe_mla"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"MoE+MLA failed: {results['moe_mla']['error']}")
-        else:
-            print(
-                f"MoE+MLA {m['params'] / 1e6:.1f}M params: {m['tok_s']:.0f} tok/s; latent cache "
-                f"{m['cache_bytes_per_token_per_layer']} B/token/layer vs {m['mha_bytes_per_token_per_layer']} B "
-                f"for MHA ({100 * m['cache_fraction_of_mha']:.1f}%)"
-            )
+        results["moe_mla"] = m = moe_mla(args)
+        print(
+            f"MoE+MLA {m['params'] / 1e6:.1f}M params: latent cache {m['cache_bytes_per_token_per_layer']} B/token/layer"
+            f" vs {m['mha_bytes_per_token_per_layer']} B for MHA ({100 * m['cache_fraction_of_mha']:.1f}%)"
+        )
+    if args.device == "cpu" and os.path.isdir(args.mtp_checkpoint) and os.path.isdir(args.mtp_data):
+        import rollout_mtp
+
+        results["speculative"] = rollout_mtp.speculative(
+            args.mtp_checkpoint, args.mtp_data, args.batch, args.rounds, args.new_tokens
+        )
+        results["bf16_gap"] = rollout_mtp.logprob_gap(args.mtp_checkpoint, args.mtp_data, 64)
+    results["load_after"] = os.getloadavg()
+    print(
+        f"=== rollout tokens/s ({results['threads']} threads; prompts {args.prompt_min}-{args.prompt_max} tokens, "
+        f"up to {args.new_tokens} new, T=0.6 top-p 0.95; varied: mean ~{args.mean_length} tokens, "
+        f"{args.prompts_per_row} prompts per row; load average {load[0]:.1f} before, {results['load_after'][0]:.1f} after)"
+    )
+    print(table(results))
+    _print_mtp(results)
+    if args.floor:
+        _print_gpu(d)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    if args.floor:
-        keys = ("device", "dtype", "params", "r1mega_tok_s", "r1mega_graphs_tok_s", "hf_tok_s", "ratio",
-                "graphs_vs_hf", "graphs_vs_eager", "graphs_on", "graphs_captured", "graphs_greedy_equal_eager",
-                "greedy_token_agreement", "copy_bandwidth_gb_s", "floor_tok_s", "floor_fraction_graphs",
-                "floor_fraction_eager", "floor_fraction_hf")  # fmt: skip
-        summary = {"batch": args.batch, "new_tokens": args.new_tokens, **{k: d.get(k) for k in keys}}
-        summary["moe_mla_tok_s"] = results.get("moe_mla", {}).get("tok_s")
-        print("ROLLOUT_GPU " + json.dumps(summary))
     return 0
+
+
+def _print_gpu(d: dict[str, Any]) -> None:
+    """The bandwidth-floor line and the ``ROLLOUT_GPU`` summary."""
+    floor, pct = d["floor_tok_s"], lambda k: "n/a" if d.get(k) is None else f"{100 * d[k]:.1f}%"
+    print(
+        f"  bandwidth floor: {d['weight_bytes'] / 1e9:.2f} GB weights + cache at {d['copy_bandwidth_gb_s']:.0f} GB/s "
+        f"-> {'n/a' if floor is None else f'{floor:.0f} tok/s'}; reached: graphs {pct('floor_fraction_graphs')}, "
+        f"eager {pct('floor_fraction_eager')}, HF {pct('floor_fraction_hf')}"
+    )
+    cell = d["cells"][0]
+    keys = ("device", "dtype", "params", "r1mega_graphs_tok_s", "graphs_vs_hf", "graphs_vs_eager", "graphs_on",
+            "graphs_captured", "graphs_greedy_equal_eager", "greedy_token_agreement", "copy_bandwidth_gb_s",
+            "floor_tok_s", "floor_fraction_graphs", "floor_fraction_eager", "floor_fraction_hf")  # fmt: skip
+    summary = {"batch": cell["batch"], **{k: d.get(k) for k in keys}}
+    summary.update({k: cell.get(k) for k in ("r1mega_tok_s", "r1mega_cb_tok_s", "hf_tok_s", "r1mega_vs_hf")})
+    summary["ratio"] = cell.get("r1mega_vs_hf")
+    summary["matmul_floor_tok_s"] = cell["floor_tok_s"]
+    print("ROLLOUT_GPU " + json.dumps(summary))
 
 
 if __name__ == "__main__":

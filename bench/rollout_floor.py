@@ -1,0 +1,105 @@
+"""Floors for a decode step, used by ``rollout_throughput.py``.
+
+- **Matmul floor**: a decode step that does only the weights' matrix products, at the shapes one step of
+  ``batch`` rows runs them (no attention, no norms, no sampling, no bookkeeping): every weight matrix of the
+  main model times ``(tokens, in_features)`` activations, where ``tokens`` is ``batch`` for dense weights and
+  ``batch * top_k / num_experts`` (the mean a routed expert sees) for routed experts. MLA's key/value
+  up-projection counts once (the absorbed form multiplies by it per head, the same FLOPs). The MTP module and
+  the embedding lookup are not matmuls of a plain decode step. ``floor tokens/s = batch / seconds per step``.
+- **Bandwidth floor** (GPU): a step reads every weight once plus each row's KV cache up to its position, at the
+  bandwidth of a large device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def decode_matmuls(model: torch.nn.Module, batch: int) -> list[tuple[int, Tensor]]:
+    """(tokens, weight) for every weight matrix product of one decode step of ``batch`` rows."""
+    config = model.config
+    experts, top_k = config.num_moe_experts or 1, config.moe_router_topk
+    routed = max(round(batch * top_k / experts), 1)
+    out: list[tuple[int, Tensor]] = []
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or name.startswith("mtp."):
+            continue
+        if name == "embedding.word_embeddings.weight":  # a lookup; a matmul only as the tied output layer
+            if model.share_embeddings_and_output_weights:
+                out.append((batch, p))
+            continue
+        out.append((routed if ".local_experts." in name else batch, p))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MatmulFloor:
+    """Times the matmul floor of ``model`` at ``batch`` rows; ``time()`` is one measurement (the benchmark
+    interleaves it with the sides it compares, so load changes on a shared machine hit all of them)."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, steps: int = 16) -> None:
+        self.batch, self.steps = batch, steps
+        gen = torch.Generator().manual_seed(0)
+        matmuls = decode_matmuls(model, batch)
+        self.pairs = [(torch.randn(n, w.shape[1], generator=gen).to(w.device, w.dtype), w.detach()) for n, w in matmuls]
+        self.device = self.pairs[0][1].device
+        self.flops = sum(2 * n * w.numel() for n, w in matmuls)
+        """FLOPs of one floor step."""
+        self.seconds: list[float] = []
+        self._run(2)  # warm-up
+
+    def _run(self, steps: int) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                for x, w in self.pairs:
+                    F.linear(x, w)
+
+    def time(self) -> float:
+        """Seconds per floor step, measured over ``steps`` steps; also recorded in ``seconds``."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self._run(self.steps)
+        _sync(self.device)
+        self.seconds.append((time.perf_counter() - t0) / self.steps)
+        return self.seconds[-1]
+
+    @property
+    def tok_s(self) -> float:
+        """Floor tokens/s: ``batch`` tokens per step at the median measured step time."""
+        return self.batch / statistics.median(self.seconds)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Device memory bandwidth in bytes/s: a large device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        return 2 * nbytes * repeats / (time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3)
+
+
+def decode_floor(weight_bytes: int, cache_bytes_per_token: float, lengths: list[int], steps: int, bw: float) -> float:
+    """Seconds for ``steps`` decode steps if each read every weight once plus each row's cache up to its
+    position (``lengths``: prompt lengths) at ``bw`` bytes/s."""
+    cached = sum(n + t for t in range(steps) for n in lengths)  # cached tokens read over all steps
+    return (steps * weight_bytes + cached * cache_bytes_per_token) / bw
