@@ -166,9 +166,9 @@ def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout):
     """One GRPO update under PP=2, TP=2 x PP=2 (fp32) against one process, and PP=2 x EP=2 (MoE+MLA) against
     EP=2: pipelined rollout gives the same samples, the reference and old-policy log-probabilities go through
     the pipeline schedule (KL term and truncated IS on), and the loss, KL term and every gradient match within
-    1e-5."""
+    1e-5; the held-out evaluation after it gives the same metrics."""
     model, (ranks, overrides), (ref_ranks, ref_overrides) = PIPELINE_LAYOUTS[layout]
-    args = grpo_args(prompts, f"model={model}", "stage.eval_interval=0", "parallel.world_size=null",
+    args = grpo_args(prompts, f"model={model}", "stage.eval_interval=1", "parallel.world_size=null",
                      "optim.train_steps=1", "reward.weights={accuracy: 1.0, language: 1.0}")  # fmt: skip
     # Both runs start from the same weights (megatron initialises each pipeline stage from its own seed); the
     # language reward varies between an untrained model's responses, so advantages and gradients are not 0.
@@ -181,6 +181,11 @@ def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout):
     logs = run_trainer_ranks(args, tmp_path / layout, ranks, *overrides)
     assert all(log.startswith("[rc=0]") for log in logs), logs[-1][-3000:]
     worst = _compare_runs(ref[0], logs, 1, ("loss", "pg_loss", "kl_loss", "rollout_is_mean", "grad_norm"))
+    a, b = step_metrics(ref[0], 1), step_metrics(logs[0], 1)  # held-out evaluation through the pipelined engine
+    assert {k: v for k, v in a.items() if k.startswith("eval/")} == {
+        k: v for k, v in b.items() if k.startswith("eval/")
+    }
+    assert a["eval/prompts"] == 4
     final = "checkpoints/step_00000001"
     weights, moments = _max_diffs(
         checkpoint_tensors(tmp_path / "ref" / final), checkpoint_tensors(tmp_path / layout / final)
