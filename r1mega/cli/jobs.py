@@ -64,10 +64,13 @@ def run_job(dcfg: DictConfig, job: Job) -> Any:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from r1mega.parallel import bootstrap
 
+    launch = bootstrap.read_launch_env()
+    if launch.world_size > 1:
+        launch = dataclasses.replace(launch, master_port=launch.master_port + sweeps.job_port_offset())
     with submitit_preemption():
         try:
             with errors():
-                ctx = bootstrap.initialize(cfg)
+                ctx = bootstrap.initialize(cfg, launch)
                 return job(cfg, ctx)
         finally:
             bootstrap.destroy()

@@ -123,6 +123,17 @@ def job_run_dir(run_dir: str) -> str:
     return str(hydra.runtime.output_dir)
 
 
+def job_port_offset() -> int:
+    """How far this job's rendezvous port sits from the launcher's: the job number in a multirun, else 0.
+
+    The jobs of a local multirun run one after the other in the same processes; when those are several ranks
+    (torchrun, srun), a job that reopened the previous job's rendezvous port found its stale addresses (gloo:
+    "connectFullMesh failed ... Connection refused"). Each job rendezvous on its own port instead."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.num) if in_multirun() else 0
+
+
 def enable_r1mega_loggers() -> None:
     """Hydra's job logging (``hydra/job_logging: disabled``) disables every logger that exists when a job starts:
     in a multirun, every job after the first would log nothing. Turn r1mega's back on."""

@@ -5,13 +5,16 @@ through hydra-submitit-launcher, is tests/slurm/test_submitit.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
+from dist_utils import free_port
 from generation_utils import job_args, make_checkpoint, make_prompt_data
-from zygote import run
+from zygote import run, spawn
 
 from r1mega.cli.sweeps import sweep_jobs
 
@@ -81,6 +84,32 @@ def test_a_train_sweep_runs_each_job_in_its_own_run_dir(tmp_path: Path) -> None:
     assert code == 0, err[-3000:]
     for job in (0, 1):
         assert f"resumed from {sweep / str(job) / 'checkpoints' / 'step_00000003'} (step 3)" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_sweep_run_by_two_ranks_gives_each_job_its_own_rendezvous(tmp_path: Path) -> None:
+    """Two ranks started the way srun does, each running the same 2-job sweep: job 1 must not find job 0's
+    rendezvous (the same port used to end in gloo's "connectFullMesh failed")."""
+    sweep, port, procs, logs = tmp_path / "sweep", free_port(), [], []
+    args = ["-m", "r1mega.cli.train", "-m", "parallel=tp2", "optim.lr=3e-3,3e-4", *QUICK, f"hydra.sweep.dir={sweep}"]
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="127.0.0.1")
+        env.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        logs.append(tmp_path / f"rank{rank}.log")
+        procs.append(spawn(args, env, logs[-1]))
+    try:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert codes == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    assert logs[0].read_text().count("2 process(es) via slurm: TP=2") == 2
+    for job in (0, 1):
+        assert (sweep / str(job) / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
 @pytest.mark.slow
