@@ -2,7 +2,7 @@
 
 r1mega-pipeline                                  # the tiny default, about 15 minutes on 2 CPU cores
 r1mega-pipeline pipeline=tiny run_dir=runs/p2    # another run folder
-r1mega-pipeline pipeline.nproc=2                 # every step under torchrun with 2 processes
+r1mega-pipeline nproc=2                          # every step under torchrun with 2 processes
 r1mega-pipeline -m nproc=1,2                     # one pipeline per job, each in <hydra.sweep.dir>/<job number>
 
 Re-running the same command skips completed steps and resumes an interrupted one.

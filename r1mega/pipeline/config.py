@@ -74,4 +74,4 @@ class PipelineConfig:
         if duplicates:
             raise ConfigError("pipeline.steps", duplicates, "unique step names")
         if self.nproc < 1:
-            raise ConfigError("pipeline.nproc", self.nproc, "1 or more")
+            raise ConfigError("nproc", self.nproc, "1 or more")

@@ -5,7 +5,7 @@ overrides, input and output paths, metrics, status and timing (written atomicall
 whose manifest says ``complete`` and whose outputs still exist, and re-runs the interrupted one: training
 steps resume from their own newest checkpoint (their run folder is stable), the other kinds are idempotent.
 
-Steps run as subprocesses (``torchrun`` when ``pipeline.nproc > 1``): megatron-core keeps global state per
+Steps run as subprocesses (``torchrun`` when ``nproc > 1``): megatron-core keeps global state per
 process, and a fresh process per stage is also what a cluster scheduler would run.
 """
 
