@@ -111,3 +111,34 @@ class Cluster:
                 return info
             time.sleep(1)
         raise AssertionError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}")
+
+    def preempt_and_wait(
+        self, job_id: str, out: Path, start_timeout: float = 240, finish_timeout: float = 300
+    ) -> tuple[dict[str, str], dict[str, float], str]:
+        """Once the job's log shows step 3, send USR1 to its batch script and wait for the requeued run to end:
+        (final ``scontrol`` state, seconds from the signal to pending/running/finished, the log of both runs)."""
+        deadline = time.monotonic() + start_timeout
+        while "step 3 " not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, f"no step 3 in time: {self.job(job_id)}"
+            time.sleep(0.3)
+        signalled = time.monotonic()
+        sent = self.run("scancel", "--signal=USR1", "--batch", job_id)
+        assert sent.returncode == 0, sent.stderr
+        times: dict[str, float] = {}
+        while (info := self.job(job_id)).get("JobState") not in DONE_STATES:
+            if info.get("Restarts") == "1":
+                times.setdefault(info["JobState"].lower(), time.monotonic() - signalled)  # pending, then running
+            assert time.monotonic() - signalled < finish_timeout, f"job {job_id} not finished: {info}"
+            time.sleep(0.5)
+        times["finished"] = time.monotonic() - signalled
+        return info, times, out.read_text()
+
+
+def resumed_step(log: str, run_dir: Path, steps: int) -> int:
+    """The step a preempted run stopped and checkpointed at, checked to be where the requeued run resumed."""
+    stopped = re.search(r"stopped at step (\d+) on request; checkpoint saved", log)
+    assert stopped, log[-4000:]
+    k = int(stopped.group(1))
+    assert 3 <= k < steps
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{k:08d}'} (step {k})" in log, log[-4000:]
+    return k

@@ -6,13 +6,11 @@ bit-identical weights and optimizer state of the uninterrupted 2-node job."""
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 
 import pytest
 from ckpt_utils import assert_identical, checkpoint_tensors
-from slurm_utils import SLURM, STEPS, TRAIN_OVERRIDES, Cluster, final_checkpoint, latest_step
+from slurm_utils import SLURM, STEPS, TRAIN_OVERRIDES, Cluster, final_checkpoint, latest_step, resumed_step
 
 LAYOUT = [*TRAIN_OVERRIDES, "parallel.world_size=4"]  # parallel=tp2 on 4 ranks: TP=2 x DP=2
 NODES = "r1node[1-2]"
@@ -69,31 +67,13 @@ def test_a_two_node_job_is_preempted_requeued_and_resumes_bit_identically(
     sbatch = ["sbatch", "--nodes=2", "--ntasks-per-node=2", str(SLURM / "train.sbatch"), *LAYOUT]
     job_id = two_node_cluster.submit(sbatch, tmp_path)
     out = tmp_path / f"r1mega-train-{job_id}.out"
-    deadline = time.monotonic() + 300
-    while "step 3 " not in (out.read_text() if out.exists() else ""):
-        assert time.monotonic() < deadline, f"no step 3 in time: {two_node_cluster.job(job_id)}"
-        time.sleep(0.3)
-    signalled = time.monotonic()
-    sent = two_node_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    assert sent.returncode == 0, sent.stderr
-    times = {}
-    while (info := two_node_cluster.job(job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-        if info.get("Restarts") == "1":
-            times.setdefault(info["JobState"].lower(), time.monotonic() - signalled)  # pending, then running
-        assert time.monotonic() - signalled < 400, f"job {job_id} not finished: {info}"
-        time.sleep(0.5)
-    times["finished"] = time.monotonic() - signalled
-    print(f"\n2 nodes: USR1 -> requeued/pending/running/finished (s): {times}")
-    log = out.read_text()
+    info, times, log = two_node_cluster.preempt_and_wait(job_id, out, start_timeout=300, finish_timeout=400)
+    print(f"\n2 nodes: USR1 -> requeued/pending/running/finished (s): {times}")  # both runs' log, appended
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-4000:]}"
     assert info["NodeList"] == NODES, info
 
     run_dir = tmp_path / "runs" / f"r1mega-train-{job_id}"
-    stopped = re.search(r"stopped at step (\d+) on request; checkpoint saved", log)
-    assert stopped, log[-4000:]
-    k = int(stopped.group(1))
-    assert 3 <= k < STEPS
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{k:08d}'} (step {k})" in log, log[-4000:]
+    resumed_step(log, run_dir, STEPS)
     assert log.count("4 process(es) via slurm: TP=2 PP=1 CP=1 EP=1 ETP=2 DP=2") == 2
     events = [line.split()[2:7] for line in (run_dir / "slurm_jobs.log").read_text().splitlines()]
     assert [e[0] for e in events] == ["start", "requeue", "start", "end"], events

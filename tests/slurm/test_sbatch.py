@@ -9,10 +9,8 @@ weights and optimizer state.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from slurm_utils import (
     final_checkpoint,
     job_env,
     latest_step,
+    resumed_step,
     skip_or_fail,
 )
 
@@ -60,30 +59,12 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(
     assert ref_info["JobState"] == "COMPLETED", ref_info
     job_id = slurm_cluster.submit(["sbatch", "--ntasks=2", str(SLURM / "train.sbatch"), *TRAIN_OVERRIDES], tmp_path)
     out = tmp_path / f"r1mega-train-{job_id}.out"
-    deadline = time.monotonic() + 240
-    while "step 3 " not in (out.read_text() if out.exists() else ""):
-        assert time.monotonic() < deadline, f"no step 3 in time: {slurm_cluster.job(job_id)}"
-        time.sleep(0.3)
-    signalled = time.monotonic()
-    sent = slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    assert sent.returncode == 0, sent.stderr
-    times = {}
-    while (info := slurm_cluster.job(job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-        if info.get("Restarts") == "1":
-            times.setdefault(info["JobState"].lower(), time.monotonic() - signalled)  # pending, then running
-        assert time.monotonic() - signalled < 300, f"job {job_id} not finished: {info}"
-        time.sleep(0.5)
-    times["finished"] = time.monotonic() - signalled
-    print(f"\nUSR1 -> requeued/pending/running/finished (s): {times}")
-    log = out.read_text()  # both runs, appended (--open-mode=append)
+    info, times, log = slurm_cluster.preempt_and_wait(job_id, out, start_timeout=240, finish_timeout=300)
+    print(f"\nUSR1 -> requeued/pending/running/finished (s): {times}")  # both runs' log, appended
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-4000:]}"
 
     run_dir = tmp_path / "runs" / f"r1mega-train-{job_id}"
-    stopped = re.search(r"stopped at step (\d+) on request; checkpoint saved", log)
-    assert stopped, log[-4000:]
-    k = int(stopped.group(1))
-    assert 3 <= k < STEPS
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{k:08d}'} (step {k})" in log, log[-4000:]
+    resumed_step(log, run_dir, STEPS)
     assert log.count("via slurm: TP=2") == 2 and "received USR1" in log
     events = [line.split()[2:5] for line in _record(run_dir)]
     assert events == [
