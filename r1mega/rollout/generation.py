@@ -2,11 +2,11 @@
 
 A job loads the policy from ``checkpoint.load`` (any layout it was saved in), builds a rollout engine on it,
 gives each data-parallel rank its share of the prompts, generates in batches, and gathers the results on
-rank 0, which writes them. Tensor-parallel peers run the same prompts (the engine keeps them in step); only
-tensor-parallel rank 0 of each replica hands results on. Under expert parallelism every rank makes the
-same number of generation calls, a rank out of prompts serving its peers' MoE exchanges with a throw-away
-row, because MoE layers exchange tokens in every forward. Pipeline parallelism is refused (generation needs
-the whole model on a rank).
+rank 0, which writes them. Tensor-parallel peers and the stages of a pipeline run the same prompts (the engine
+keeps them in step and broadcasts the last stage's tokens); only tensor-parallel rank 0 of the first pipeline
+stage of each replica hands results on. Under expert parallelism every rank makes the same number of
+generation calls, a rank out of prompts serving its peers' MoE exchanges with a throw-away row, because MoE
+layers exchange tokens in every forward.
 """
 
 from __future__ import annotations
