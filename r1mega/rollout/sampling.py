@@ -170,14 +170,19 @@ def sample_rows(logits: Tensor, params: SamplingParams, seeds: Tensor, counters:
         tokens = logits.argmax(dim=-1)  # (b,)
         return tokens, logprob_of(logits, tokens, params)
     scaled = logits / params.temperature  # (b, V)
-    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
+        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
         tokens = _sample_sorted(scaled, lse, params, seeds, counters, params.top_k)
-    elif params.top_p < 1.0:
-        tokens = _sample_nucleus(scaled, lse, params, seeds, counters)
-    else:
-        tokens = inverse_cdf((scaled - lse).exp(), row_uniforms(seeds, counters, STREAM_SAMPLE))
+    else:  # one exp pass serves the draw and the log-probability
+        peak = scaled.amax(dim=-1, keepdim=True)  # (b, 1)
+        weights = (scaled - peak).exp_()  # (b, V) unnormalised probabilities
+        total = weights.sum(dim=-1, keepdim=True)  # (b, 1)
+        lse = peak + total.log()
+        if params.top_p < 1.0:
+            tokens = _sample_nucleus(scaled, lse, weights, total, params, seeds, counters)
+        else:
+            tokens = inverse_cdf(weights, row_uniforms(seeds, counters, STREAM_SAMPLE))
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
 
 
@@ -197,24 +202,32 @@ def _sample_sorted(
     return order.gather(-1, j).squeeze(-1)
 
 
-def _sample_nucleus(scaled: Tensor, lse: Tensor, params: SamplingParams, seeds: Tensor, counters: Tensor) -> Tensor:
-    """Top-p by rejection: draw from the full distribution, keep tokens inside the nucleus. (b, V) -> (b,)."""
-    probs = (scaled - lse).exp()  # (b, V)
-    cdf = probs.double().cumsum(dim=-1)  # (b, V)
+def _sample_nucleus(
+    scaled: Tensor,
+    lse: Tensor,
+    weights: Tensor,
+    total: Tensor,
+    params: SamplingParams,
+    seeds: Tensor,
+    counters: Tensor,
+) -> Tensor:
+    """Top-p by rejection: draw from the full distribution (``weights`` (b, V), unnormalised, summing to
+    ``total`` (b, 1)), keep tokens inside the nucleus. Returns (b,)."""
+    cdf = weights.double().cumsum(dim=-1)  # (b, V)
     tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
     todo = torch.arange(scaled.shape[0], device=scaled.device)  # rows still drawing
-    p, c = probs, cdf
+    p, c, bound = weights, cdf, total[:, 0] * params.top_p  # bound: top_p of each row's mass
     for attempt in range(NUCLEUS_TRIES):
         stream = STREAM_SAMPLE if attempt == 0 else STREAM_RETRY + attempt
         u = row_uniforms(seeds[todo], counters[todo], stream).to(c.device)  # (n,)
         tok = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp(max=p.shape[-1] - 1)  # (n, 1)
         before = torch.where(p > p.gather(-1, tok), p, 0.0).sum(dim=-1)  # (n,) mass of more likely tokens
-        inside = before < params.top_p
+        inside = before < bound
         tokens[todo[inside]] = tok[inside, 0]
         todo = todo[~inside]
         if todo.numel() == 0:
             return tokens
-        p, c = probs[todo], cdf[todo]
+        p, c, bound = weights[todo], cdf[todo], bound[~inside]
     # Rows still drawing (a tiny top_p): sort.
     tokens[todo] = _sample_sorted(scaled[todo], lse[todo], params, seeds[todo], counters[todo], scaled.shape[-1])
     return tokens
