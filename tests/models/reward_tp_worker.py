@@ -11,11 +11,11 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from r1mega.config.load import compose_config
 from r1mega.data.preferences import make_pair_batch
-from r1mega.loop import setup
-from r1mega.models.builder import unwrap
+from r1mega.models.builder import transformer_config, unwrap
+from r1mega.models.reward import build_reward_model
 from r1mega.parallel.bootstrap import destroy, initialize
 from r1mega.stages.reward_model import REPORT_KEYS, rm_forward_step
-from r1mega.train.step import forward_backward
+from r1mega.train.step import build_trainer, forward_backward
 
 
 def run(tp: int, sp: str, ctx: object | None) -> tuple[dict, object]:
@@ -35,7 +35,8 @@ def run(tp: int, sp: str, ctx: object | None) -> tuple[dict, object]:
     ctx = ctx or initialize(cfg)
     model_parallel_cuda_manual_seed(cfg.seed)  # the same weights for every layout (CPU initialisation)
     torch.manual_seed(cfg.seed)
-    trainer, _ = setup(cfg, ctx)
+    config = transformer_config(cfg)  # the model alone: this worker reads no preference data
+    trainer = build_trainer(cfg, config, build_reward_model(cfg, config), ctx.data_parallel_size)
     g = torch.Generator().manual_seed(3)
     pairs = [tuple(torch.randint(10, 2000, (n,), generator=g).tolist() for n in ns) for ns in ((13, 9), (16, 11))]
     batch = make_pair_batch(pairs, pad_id=2, multiple_of=tp if sp == "true" else 1)
