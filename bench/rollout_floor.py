@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,8 @@ class MatmulFloor:
     """Times the matmul floor of ``model`` at ``batch`` rows; ``time()`` is one measurement (the benchmark
     interleaves it with the sides it compares, so load changes on a shared machine hit all of them)."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, steps: int = 16) -> None:
-        self.batch, self.steps = batch, steps
+    def __init__(self, model: torch.nn.Module, batch: int, steps: int = 16, clock: Any = time.perf_counter) -> None:
+        self.batch, self.steps, self.clock = batch, steps, clock
         gen = torch.Generator().manual_seed(0)
         matmuls = decode_matmuls(model, batch)
         self.pairs = [(torch.randn(n, w.shape[1], generator=gen).to(w.device, w.dtype), w.detach()) for n, w in matmuls]
@@ -66,10 +67,10 @@ class MatmulFloor:
     def time(self) -> float:
         """Seconds per floor step, measured over ``steps`` steps; also recorded in ``seconds``."""
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self._run(self.steps)
         _sync(self.device)
-        self.seconds.append((time.perf_counter() - t0) / self.steps)
+        self.seconds.append((self.clock() - t0) / self.steps)
         return self.seconds[-1]
 
     @property

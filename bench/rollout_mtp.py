@@ -34,7 +34,9 @@ def _policy(checkpoint: str, data: str, dtype: str) -> tuple[list[torch.nn.Modul
     return chunks, tok, [render_prompt(tok, p.prompt, "<think>\n") for p in prompts]
 
 
-def speculative(checkpoint: str, data: str, batches: list[int], rounds: int, new_tokens: int) -> list[dict[str, Any]]:
+def speculative(
+    checkpoint: str, data: str, batches: list[int], rounds: int, new_tokens: int, clock: Any = time.perf_counter
+) -> list[dict[str, Any]]:
     """Plain vs MTP-speculative decoding (the per-row loop, ``max_batch`` rows) on the SFT policy: R1's sampling
     (T=0.6, top-p 0.95) and greedy, ``2 * batch`` held-out prompts per call."""
     from r1mega.config.load import compose_config
@@ -57,9 +59,9 @@ def speculative(checkpoint: str, data: str, batches: list[int], rounds: int, new
                 outs: dict[bool, list[list[int]]] = {}
                 for _ in range(rounds):
                     for s, engine in engines.items():
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         done = engine.generate(work, params, seeds=seeds)
-                        speed[s].append(sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0))
+                        speed[s].append(sum(len(c.token_ids) for c in done) / (clock() - t0))
                         outs[s] = [c.token_ids for c in done]
                 plain, spec = statistics.median(speed[False]), statistics.median(speed[True])
                 rows.append({

@@ -22,7 +22,9 @@ shaped, hidden 512) gets the same table without HF.
 
 With ``--mtp-checkpoint``/``--mtp-data`` (defaults: the tiny pipeline's cold-start SFT, when present) it also
 measures MTP speculative decoding and the bf16 engine/trainer log-probability gap on that policy
-(``rollout_mtp``). The load average before and after is printed: other work on the machine slows every side.
+(``rollout_mtp``). The load average before and after is printed: other work on the machine slows every side;
+on a shared machine ``--threads 1 --clock cpu`` times each side by this process's CPU time instead, which other
+processes hardly change.
 
 On a GPU (``--device cuda``, bf16 by default) the dense fixed-length comparison also runs r1mega with CUDA-graph
 decode steps and the memory-bound floor (``rollout_floor.decode_floor``); the last line, ``ROLLOUT_GPU {json}``,
@@ -110,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-row", type=int, default=4, help="varied mix: prompts = this x batch")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1: stable ratios on a loaded machine)",
+    )
     p.add_argument("--skip-moe", action="store_true", help="only the dense model")
     p.add_argument("--floor", action="store_true", help="also the memory-bound floor and ROLLOUT_GPU (on with cuda)")
     p.add_argument("--mtp-checkpoint", default="runs/pipeline/cold_start_sft", help="cold-start SFT run (MTP trained)")
@@ -121,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)  # explicit options still win over the preset
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.floor = args.floor or args.device == "cuda"
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu measures this process's CPU time: use it with --device cpu --threads 1")
     return args
 
 
@@ -198,12 +208,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Any) -> float:
+def _clock(args: argparse.Namespace) -> Any:
+    """The benchmark's clock: elapsed time, or this process's CPU time (``--clock cpu``)."""
+    return time.process_time if args.clock == "cpu" else time.perf_counter
+
+
+def _time(fn: Any, clock: Any = time.perf_counter) -> float:
     _sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     _sync()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -243,7 +258,7 @@ def measure(
             for chunk in _chunks(prompts, batch)
             for row in _hf_generate(hf, chunk, args.new_tokens, True, stop)
         )
-    floor = MatmulFloor(model, batch)
+    floor = MatmulFloor(model, batch, clock=_clock(args))
     if args.device == "cuda":
         for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
             fn()
@@ -257,7 +272,7 @@ def measure(
     tokens: dict[str, list[int]] = {k: [] for k in runs}
     for _ in range(args.rounds):  # the sides and the floor alternate so a load change hits all of them
         for k, fn in runs.items():
-            seconds[k].append(_time(lambda fn=fn, k=k: tokens[k].append(fn())))
+            seconds[k].append(_time(lambda fn=fn, k=k: tokens[k].append(fn()), _clock(args)))
             floor.time()
     tok_s = {k: 1 / statistics.median(t / n for t, n in zip(seconds[k], tokens[k], strict=True)) for k in runs}
     out: dict[str, Any] = {
@@ -440,12 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         import rollout_mtp
 
         results["speculative"] = rollout_mtp.speculative(
-            args.mtp_checkpoint, args.mtp_data, args.batch, args.rounds, args.new_tokens
+            args.mtp_checkpoint, args.mtp_data, args.batch, args.rounds, args.new_tokens, _clock(args)
         )
         results["bf16_gap"] = rollout_mtp.logprob_gap(args.mtp_checkpoint, args.mtp_data, 64)
     results["load_after"] = os.getloadavg()
     print(
-        f"=== rollout tokens/s ({results['threads']} threads; prompts {args.prompt_min}-{args.prompt_max} tokens, "
+        f"=== rollout tokens/s ({results['threads']} threads, {args.clock} clock; prompts {args.prompt_min}-{args.prompt_max} tokens, "
         f"up to {args.new_tokens} new, T=0.6 top-p 0.95; varied: mean ~{args.mean_length} tokens, "
         f"{args.prompts_per_row} prompts per row; load average {load[0]:.1f} before, {results['load_after'][0]:.1f} after)"
     )
