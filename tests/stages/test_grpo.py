@@ -83,11 +83,12 @@ def test_dynamic_sampling_refills_and_reports_zero_variance(prompts, tmp_path):
     assert m["rollout_s"] > 0
 
 
-def test_continuous_rollout_with_truncated_importance_sampling(prompts, tmp_path):
-    """grpo.rollout_batch (continuous batching) and grpo.loss.rollout_correction=tis: the trainer recomputes the
-    old policy, and in fp32 its log-probabilities equal the engine's, so every importance weight is 1."""
-    args = grpo_args(prompts, "grpo.rollout_batch=3", "grpo.loss.rollout_correction=tis", "optim.train_steps=1",
-                     "stage.eval_interval=0")  # fmt: skip
+def test_continuous_speculative_rollout_with_truncated_importance_sampling(prompts, tmp_path):
+    """grpo.rollout_batch (continuous batching), grpo.speculative (MTP drafts, MoE+MLA policy) and
+    grpo.loss.rollout_correction=tis: the trainer recomputes the old policy, and in fp32 its log-probabilities
+    equal the engine's, so every importance weight is 1."""
+    args = grpo_args(prompts, "model=dsv3_tiny", "grpo.rollout_batch=3", "grpo.speculative=true",
+                     "grpo.loss.rollout_correction=tis", "optim.train_steps=1", "stage.eval_interval=0")  # fmt: skip
     out = run_trainer(args, tmp_path / "run")
     assert out.returncode == 0, out.stdout[-3000:]
     m = step_metrics(out.stdout, 1)
