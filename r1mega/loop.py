@@ -68,6 +68,9 @@ def _resume(cfg: R1Config, trainer: Trainer, stage: Stage, checkpoints: Checkpoi
         return step
     if cfg.checkpoint.load:
         stage.load_weights(trainer.model, cfg.checkpoint.load)
+        # bf16/fp16 optimizers hold fp32 main copies made from the initialisation when they were built: copy the
+        # loaded weights into them, or the first update writes the initialisation back over the loaded model.
+        trainer.optimizer.reload_model_params()
         log.info("initialised weights from %s", cfg.checkpoint.load)
     return 0
 

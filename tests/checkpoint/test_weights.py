@@ -105,3 +105,28 @@ def test_r1mega_train_exits_2_in_one_line_for_a_missing_checkpoint_load(tmp_path
     assert proc.returncode == ExitCode.USER_ERROR, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert f"r1mega: CheckpointError: cannot load weights from {missing}: no such folder\n" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bf16_training_keeps_the_loaded_weights(saved: Path, tmp_path: Path) -> None:
+    """A bf16 optimizer keeps fp32 main copies of the weights it was built with (the initialisation): after
+    ``checkpoint.load`` they must be refreshed, or the first update writes the initialisation back over the
+    loaded model (what made a bf16 GRPO of an imported SmolLM2 collapse to a uniform distribution in one step).
+    Loaded weights drawn with std 0.5 against an initialisation of std 0.02, one update at a negligible lr."""
+    from ckpt_utils import checkpoint_tensors, run_trainer
+
+    loaded = tmp_path / "wide"
+    save_weights(build_model(compose_config([*BASE, "model.init_method_std=0.5"])), str(loaded))
+    run = tmp_path / "run"
+    proc = run_trainer(
+        ["model=llama_tiny", "precision=bf16", f"checkpoint.load={loaded}", "optim.train_steps=1", "optim.lr=1e-9"],
+        run,
+        "optim.min_lr=1e-9",
+        "optim.lr_warmup_steps=0",
+        "optim.micro_batch_size=2",
+        "optim.global_batch_size=2",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = checkpoint_tensors(run / "checkpoints" / "step_00000001")
+    key = next(k for k in after if k.endswith("linear_fc1.weight"))
+    assert float(after[key].float().std()) > 0.4, f"{key} has std {float(after[key].float().std()):.3f}, not 0.5"
