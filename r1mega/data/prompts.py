@@ -7,7 +7,8 @@ A prompt file is JSONL, one prompt per line, in either of two forms:
   reasoning and response are ignored.
 
 Malformed lines fail with the file and line number. ``render_prompt`` applies the tokenizer's chat template
-with a generation prompt and appends the forced prefix (R1's ``<think>\\n``).
+with a generation prompt (after ``grpo.system_prompt`` when set) and appends the forced prefix (R1's
+``<think>\\n``).
 """
 
 from __future__ import annotations
@@ -55,11 +56,17 @@ def load_prompts(path: str) -> list[Prompt]:
     return read_records(path, parse_prompt_record, PromptDataError, "prompt", "record")[0]
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, prefix: str = "") -> list[int]:
-    """Token ids of ``prompt`` as a user turn, the assistant's generation prompt, then ``prefix``."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The chat of one prompt: an optional system turn, then ``prompt`` as the user turn."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, prefix: str = "", system: str | None = None
+) -> list[int]:
+    """Token ids of ``prompt`` as a user turn (after ``system`` when given), the assistant's generation prompt,
+    then ``prefix``."""
+    text = tokenizer.apply_chat_template(chat_messages(prompt, system), tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text + prefix, add_special_tokens=False)
 
 

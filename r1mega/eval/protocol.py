@@ -69,9 +69,11 @@ def evaluate_prompts(
     samples: int,
     params: SamplingParams,
     prefix: str = "<think>\n",
+    system: str | None = None,
 ) -> list[SampleResult]:
-    """Sample ``samples`` completions per prompt and score them (accuracy and format rewards)."""
-    ids = [render_prompt(engine.tokenizer, p.prompt, prefix) for p in prompts for _ in range(samples)]
+    """Sample ``samples`` completions per prompt and score them (accuracy and format rewards); each prompt is
+    rendered after the system turn ``system`` and followed by ``prefix``."""
+    ids = [render_prompt(engine.tokenizer, p.prompt, prefix, system) for p in prompts for _ in range(samples)]
     completions = engine.generate(ids, params)
     flat = [p for p in prompts for _ in range(samples)]
     scores = scorer.score_completions(flat, completions, params.max_new_tokens, bool(prefix), [p.id for p in flat])

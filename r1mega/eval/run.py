@@ -79,7 +79,9 @@ def _evaluate_share(cfg: R1Config, job: GenerationJob, prompts: list[Prompt]) ->
     out: list[tuple[int, list[SampleResult]]] = []
     with RewardScorer(dataclasses.replace(cfg.reward, weights=dict(EVAL_REWARDS))) as scorer:
         for batch in job.batches(job.shard(prompts), e.batch_size, "evaluating"):
-            results = evaluate_prompts(job.engine, scorer, [p for _, p in batch], e.samples, params, job.prefix)
+            results = evaluate_prompts(
+                job.engine, scorer, [p for _, p in batch], e.samples, params, job.prefix, job.system_prompt
+            )
             out += [(i, results[n * e.samples : (n + 1) * e.samples]) for n, (i, _) in enumerate(batch)]
     return out
 
@@ -117,6 +119,7 @@ def run_evaluation(cfg: R1Config, ctx: ParallelContext) -> dict[str, Any]:
             model=cfg.model.name,
             eval_path=path,
             prefix=job.prefix,
+            system_prompt=job.system_prompt,
             settings=dataclasses.asdict(cfg.eval),
             generated_tokens=sum(r.length for r in results),
             elapsed_s=time.perf_counter() - start,

@@ -38,7 +38,11 @@ class StepConfig:
     """What the report calls this step (default: its name)."""
     check_prompts: str | None = None
     """For kind=export: a JSONL of held-out prompts; after the export, ``transformers`` alone loads the folder
-    and generates from the first few (``generations.json``, in the report): the proof the folder is usable."""
+    and generates from the first few (``generations.json``, in the report): the proof the folder is usable. The
+    exported checkpoint generates from the same prompts in r1mega too, and the tokens must be equal."""
+    check_overrides: list[str] = field(default_factory=list)
+    """For kind=export: training-config overrides that set how the check renders its prompts, as training did
+    (``grpo=r1_chat``: its system turn and forced prefix)."""
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
@@ -64,6 +68,9 @@ class PipelineConfig:
     """The stages, in order."""
     report: bool = True
     """Write the Markdown report with PNG curves at the end."""
+    compare: list[str] = field(default_factory=list)
+    """Two evaluated steps, before and after (``[base_eval, grpo]``): the report adds their paired difference of
+    per-prompt pass@1 with a bootstrap 95% interval (``r1mega.eval.compare``)."""
 
     def __post_init__(self) -> None:
         for o in self.eval_overrides + [o for s in self.steps for o in s.eval_overrides]:
@@ -73,5 +80,8 @@ class PipelineConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError("pipeline.steps", duplicates, "unique step names")
+        unknown = [c for c in self.compare if c not in names]
+        if self.compare and (len(self.compare) != 2 or unknown):
+            raise ConfigError("compare", self.compare, f"two step names of this pipeline ({', '.join(names)})")
         if self.nproc < 1:
             raise ConfigError("nproc", self.nproc, "1 or more")

@@ -111,9 +111,12 @@ def hf_generations(manifests: Sequence[dict[str, Any]]) -> str:
             continue
         data = json.loads(path.read_text())
         right = sum(g["correct"] for g in data["generations"])
+        same = [g["matches_r1mega"] for g in data["generations"] if "matches_r1mega" in g]
+        parity = f" Its tokens equal r1mega's greedy ones for {sum(same)}/{len(same)} prompts." if same else ""
         parts.append(
             f"\n### {m.get('label', m['name'])}: `{data['hf_dir']}`\n\n"
-            f"`AutoModelForCausalLM` loaded it and generated (greedy); {right}/{len(data['generations'])} right.\n\n"
+            f"`AutoModelForCausalLM` loaded it and generated (greedy); {right}/{len(data['generations'])} right."
+            f"{parity}\n\n"
             "| prompt | completion | answer | right |\n|---|---|---|---|\n"
         )
         for g in data["generations"]:
@@ -123,11 +126,38 @@ def hf_generations(manifests: Sequence[dict[str, Any]]) -> str:
     return "\n## Hugging Face exports, loaded by transformers\n" + "".join(parts) if parts else ""
 
 
-def write_report(manifests: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
-    """``<out_dir>/report.md`` with the accuracy table, step timings and one PNG of training curves per step."""
+def paired_comparison(manifests: Sequence[dict[str, Any]], compare: Sequence[str]) -> str:
+    """The section comparing two evaluated steps (before, after) prompt by prompt, or "" without ``compare``."""
+    from r1mega.eval.compare import CompareError, compare_evaluations
+
+    if not compare:
+        return ""
+    by_name = {m["name"]: m for m in manifests}
+    labels = [by_name.get(n, {}).get("label", n) for n in compare]
+    try:
+        dirs = [by_name[n]["outputs"]["eval"] for n in compare]
+        c = compare_evaluations(*dirs)
+    except (KeyError, CompareError) as e:
+        return f"\n## {labels[0]} -> {labels[1]}\n\nNot compared: {e}\n"
+    verdict = "excludes zero: a measured change" if c["significant"] else "includes zero: no measured change"
+    return (
+        f"\n## {labels[0]} -> {labels[1]}, paired over prompts\n\n"
+        "| prompts | pass@1 before | pass@1 after | difference | 95% interval (bootstrap) | prompts better / worse |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| {c['prompts']} | {c['before']:.3f} | {c['after']:.3f} | {c['diff']:+.3f} | "
+        f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['improved']} / {c['worsened']} |\n\n"
+        f"Per-prompt pass@1 (share of its samples right) after minus before; the interval resamples the prompts "
+        f"({c['resamples']} times) and {verdict}.\n"
+    )
+
+
+def write_report(manifests: Sequence[dict[str, Any]], out_dir: str | Path, compare: Sequence[str] = ()) -> Path:
+    """``<out_dir>/report.md`` with the accuracy table, the paired comparison of ``compare`` (two step names), step
+    timings and one PNG of training curves per step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = ["# r1mega pipeline report\n", "## Held-out accuracy per stage (R1 protocol)\n", accuracy_table(manifests)]
+    parts.append(paired_comparison(manifests, compare))
     parts.append("\n## Steps\n\n| step | kind | seconds | restarts | outputs |\n|---|---|---|---|---|\n")
     for m in manifests:
         outputs = ", ".join(f"{k}: `{v}`" for k, v in m.get("outputs", {}).items())

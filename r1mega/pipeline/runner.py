@@ -170,6 +170,10 @@ class PipelineRunner:
         if step.kind == "export" and step.check_prompts:
             generations = out / "generations.json"
             check = [*self._launcher(MODULES["hf_check"], 1), outputs["hf"], "--prompts", step.check_prompts]
+            args = [self._resolve(a, step) for a in step.overrides]
+            if "--ckpt" in args[:-1]:
+                check += ["--ckpt", args[args.index("--ckpt") + 1]]
+            check += [a for o in step.check_overrides for a in ("--override", o)]
             self._run([*check, "--out", str(generations)], out / "step.log")
             outputs["generations"] = str(generations)
         manifest.update(outputs=outputs, status="complete", seconds=time.perf_counter() - start, finished=time.time())

@@ -104,8 +104,9 @@ class GenerationJob:
             seed=cfg.data.seed + 7919 * self.dp_rank,
             pad_token_id=pad_token_id(self.tokenizer),
             groups=ctx.groups,
+            max_batch=cfg.grpo.rollout_batch,
         )
-        self.prefix = cfg.grpo.prefix
+        self.prefix, self.system_prompt = cfg.grpo.prefix, cfg.grpo.system_prompt
         self.forbidden = tuple(t for t in self.tokenizer.all_special_tokens if t not in (THINK_START, THINK_END))
         """Special-token strings (BOS, EOS, chat roles, pad) that never belong inside a response's text."""
 

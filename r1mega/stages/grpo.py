@@ -157,7 +157,7 @@ class GRPOStage(Stage):
 
     def _sample_groups(self, count: int) -> list[list[Sample]]:
         prompts = [self.prompts[i] for i in self.sampler.take(count)]
-        ids = [render_prompt(self.tokenizer, p.prompt, self.g.prefix) for p in prompts]
+        ids = [render_prompt(self.tokenizer, p.prompt, self.g.prefix, self.g.system_prompt) for p in prompts]
         flat = [(p, x) for p, x in zip(prompts, ids, strict=True) for _ in range(self.g.group_size)]
         completions = self.engine.generate([x for _, x in flat], self._params())
         samples = [Sample(p, x, c) for (p, x), c in zip(flat, completions, strict=True)]
@@ -479,7 +479,9 @@ class GRPOStage(Stage):
         )
         state = self.engine.state_dict()
         self.engine.generator.manual_seed(self.cfg.data.seed + 104729 + self.dp_rank)  # same draws every evaluation
-        results = evaluate_prompts(self.engine, self.eval_scorer, mine, g.eval_samples, params, g.prefix)
+        results = evaluate_prompts(
+            self.engine, self.eval_scorer, mine, g.eval_samples, params, g.prefix, g.system_prompt
+        )
         self.engine.load_state_dict(state)
         gathered: list[Any] = [None] * self.dp
         torch.distributed.all_gather_object(gathered, results, group=self.dp_group)

@@ -226,7 +226,7 @@ class _Sampler:
 
     def run(self, batch: list[tuple[int, Prompt]]) -> list[PromptOutcome]:
         k = self.r.samples_per_prompt
-        ids = [render_prompt(self.job.tokenizer, p.prompt, self.job.prefix) for _, p in batch]
+        ids = [render_prompt(self.job.tokenizer, p.prompt, self.job.prefix, self.job.system_prompt) for _, p in batch]
         completions = self.job.engine.generate([x for x in ids for _ in range(k)], self.params)
         if not self.job.reports:
             return []
