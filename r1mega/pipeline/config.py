@@ -40,6 +40,10 @@ class StepConfig:
     """For kind=export: a JSONL of held-out prompts; after the export, ``transformers`` alone loads the folder
     and generates from the first few (``generations.json``, in the report): the proof the folder is usable. The
     exported checkpoint generates from the same prompts in r1mega too, and the tokens must be equal."""
+    check_num: int = 4
+    """For kind=export: how many of ``check_prompts`` the check generates from."""
+    check_max_new_tokens: int = 96
+    """For kind=export: the check's greedy generation length."""
     check_overrides: list[str] = field(default_factory=list)
     """For kind=export: training-config overrides that set how the check renders its prompts, as training did
     (``grpo=r1_chat``: its system turn and forced prefix)."""

@@ -174,6 +174,7 @@ class PipelineRunner:
             if "--ckpt" in args[:-1]:
                 check += ["--ckpt", args[args.index("--ckpt") + 1]]
             check += [a for o in step.check_overrides for a in ("--override", o)]
+            check += ["--num", str(step.check_num), "--max-new-tokens", str(step.check_max_new_tokens)]
             self._run([*check, "--out", str(generations)], out / "step.log")
             outputs["generations"] = str(generations)
         manifest.update(outputs=outputs, status="complete", seconds=time.perf_counter() - start, finished=time.time())

@@ -54,3 +54,16 @@ def test_failed_verify_exits_4(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", "--ckpt", str(tmp_path / "ckpt"), "--hf", str(other)])
     assert exit_info.value.code == 4 and "FAIL" in capsys.readouterr().err
+
+
+def test_a_gguf_in_a_missing_package_exits_2_with_the_install_command(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", "--gguf", "pkg://no_such_package_r1mega/model.gguf", "--out", str(tmp_path / "ckpt")])
+    assert exit_info.value.code == 2 and "no installed package 'no_such_package_r1mega'" in capsys.readouterr().err
+
+
+def test_a_gguf_path_in_a_package_is_found_without_importing_it(tmp_path) -> None:
+    from r1mega.cli.convert import resolve_gguf
+
+    assert resolve_gguf("pkg://r1mega/conf/config.yaml").name == "config.yaml"
+    assert resolve_gguf(str(tmp_path / "x.gguf")) == tmp_path / "x.gguf"

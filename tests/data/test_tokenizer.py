@@ -120,3 +120,13 @@ def test_missing_or_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
         load_tokenizer(str(bad))
     with pytest.raises(TokenizerError, match="Could not read a tokenizer"):
         load_tokenizer(str(tmp_path))  # a directory without tokenizer files
+
+
+def test_render_prompt_puts_the_system_turn_first_and_the_prefix_last(trained: Path) -> None:
+    from r1mega.data.prompts import render_prompt
+
+    tok = load_tokenizer(str(trained))
+    plain = tok.decode(render_prompt(tok, "What is 2 + 3?", "<think>\n"))
+    framed = tok.decode(render_prompt(tok, "What is 2 + 3?", "<think>\n", system="Answer in a box."))
+    assert "Answer in a box." not in plain and framed.endswith(plain.rsplit("What is 2 + 3?", 1)[1])
+    assert framed.index("Answer in a box.") < framed.index("What is 2 + 3?") < framed.rindex("<think>")

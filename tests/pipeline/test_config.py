@@ -6,18 +6,20 @@ import re
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from r1mega.cli.pipeline import register
+from r1mega.config.errors import ConfigError
 from r1mega.config.load import CONFIG_MODULE, compose_config
-from r1mega.pipeline.config import PipelineConfig
+from r1mega.pipeline.config import PipelineConfig, StepConfig
 
 
-def _tiny() -> PipelineConfig:
+def _tiny(*overrides: str) -> PipelineConfig:
     register()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return OmegaConf.to_object(compose("r1_pipeline"))
+        return OmegaConf.to_object(compose("r1_pipeline", list(overrides)))
 
 
 def test_tiny_pipeline_is_the_r1_recipe_in_order():
@@ -34,9 +36,10 @@ def test_tiny_pipeline_is_the_r1_recipe_in_order():
         seen.add(step.name)
 
 
-def test_every_train_and_sample_step_composes_as_an_r1mega_config():
-    for step in _tiny().steps:
-        if step.kind in ("train", "sample"):
+@pytest.mark.parametrize("pipeline", ["tiny", "smollm2"])
+def test_every_train_sample_and_eval_step_composes_as_an_r1mega_config(pipeline: str) -> None:
+    for step in _tiny(f"pipeline={pipeline}").steps:
+        if step.kind in ("train", "sample", "eval"):
             overrides = [re.sub(r"\{\w+\.\w+\}", "/tmp/x", o) for o in step.overrides]
             compose_config(overrides, config_name=step.config_name or "config")
 
@@ -45,3 +48,9 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "r1mega.cli.pipeline", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "steps:" in out.stdout and "cold_start_sft" in out.stdout  # Hydra's help shows the composed pipeline
+
+
+def test_compare_names_two_steps_of_the_pipeline() -> None:
+    assert _tiny("pipeline=smollm2").compare == ["base_eval", "grpo"]
+    with pytest.raises(ConfigError, match="two step names of this pipeline"):
+        PipelineConfig(steps=[StepConfig(name="a")], compare=["a", "b"])
