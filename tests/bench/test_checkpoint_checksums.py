@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_utils import bench_help, run_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "checkpoint_checksums.py"
 TINY = ["--hidden", "64", "--ffn", "128", "--layers", "1", "--heads", "4", "--vocab", "256"]
 
 
 def test_help() -> None:
-    result = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "--layers" in result.stdout and "--cold" in result.stdout
+    out = bench_help("checkpoint_checksums.py")
+    assert "--layers" in out and "--cold" in out
 
 
 @pytest.mark.slow
 def test_tiny_run_reports_the_checksum_share(tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCH), *TINY, "--dir", str(tmp_path / "run"), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "% of the save" in result.stdout
-    measured = json.loads(out.read_text())
+    stdout, measured = run_bench("checkpoint_checksums.py", *TINY, "--dir", str(tmp_path / "run"), out_dir=tmp_path)
+    assert "% of the save" in stdout
     assert measured["files"] >= 5 and 0 < measured["checksum_share_of_save"] < 1

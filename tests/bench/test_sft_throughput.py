@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_utils import bench_help, run_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "sft_throughput.py"
 TINY = [
     "--hidden", "64", "--ffn", "128", "--layers", "1", "--heads", "4", "--kv-heads", "2",
     "--vocab", "256", "--seq-length", "16", "--micro-batch", "2",
@@ -19,27 +16,18 @@ TINY = [
 
 
 def test_help() -> None:
-    result = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "--hidden" in result.stdout and "--dtype" in result.stdout
+    out = bench_help("sft_throughput.py")
+    assert "--hidden" in out and "--dtype" in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_tiny_run_prints_the_ratio(tmp_path: Path, dtype: str) -> None:
-    out = tmp_path / "result.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCH), *TINY, "--dtype", dtype, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    match = re.search(r"parameters: r1mega ([\d,]+)\s+HF ([\d,]+)", result.stdout)
-    assert match and match.group(1) == match.group(2), result.stdout
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    stdout, payload = run_bench("sft_throughput.py", *TINY, "--dtype", dtype, out_dir=tmp_path, timeout=300)
+    match = re.search(r"parameters: r1mega ([\d,]+)\s+HF ([\d,]+)", stdout)
+    assert match and match.group(1) == match.group(2), stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
     assert f"dtype={dtype}" in line
     assert float(re.search(r"ratio_r1mega/hf=([\d.]+)", line).group(1)) > 0
-    payload = json.loads(out.read_text())
     assert {side["name"] for side in payload["sides"]} == {"r1mega", "hf"}
     assert payload["model_flops_per_token"] > 0 and payload["matmul_flops_per_s"] > 0
