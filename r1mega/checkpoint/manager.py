@@ -166,7 +166,7 @@ class CheckpointManager:
     # ---------------------------------------------------------------- saving
     def _state(self, trainer: Trainer, loading: bool, optimizer_metadata: dict[str, Any]) -> dict[str, Any]:
         model = {"model": sharded_model_state(trainer.model)}
-        metadata = {**sharding_metadata(), **optimizer_metadata}
+        metadata = {**sharding_metadata(trainer.model), **optimizer_metadata}
         optimizer = trainer.optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata)
         if not loading:
             optimizer_state.zero_padding(optimizer)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -29,20 +29,19 @@ from r1mega.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def sharding_metadata() -> dict[str, object]:
-    """What megatron-core's ``sharded_state_dict`` needs to know about the layout.
+def sharding_metadata(chunks: list[torch.nn.Module]) -> dict[str, object]:
+    """What megatron-core's ``sharded_state_dict`` needs to know about the layout of ``chunks``.
 
-    ``non_homogeneous_layers``: layers are saved one by one (dense-first and MoE layers differ).
+    ``dp_cp_group``: the data x context parallel group the model was built with (its ``pg_collection``), over
+    which replicated tensors are split for writing. ``non_homogeneous_layers``: layers are saved one by one
+    (dense-first and MoE layers differ).
     """
-    return {
-        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
-        "non_homogeneous_layers": True,
-    }
+    return {"dp_cp_group": unwrap(chunks[0]).pg_collection.dp_cp, "non_homogeneous_layers": True}
 
 
 def sharded_model_state(chunks: list[torch.nn.Module]) -> dict[str, dict]:
     """One sharded state dict per model chunk, keyed ``model0``, ``model1``... (virtual stages)."""
-    metadata = sharding_metadata()
+    metadata = sharding_metadata(chunks)
     return {f"model{i}": unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)}
 
 

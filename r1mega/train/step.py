@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -26,6 +25,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.config.schema import R1Config
+from r1mega.models.builder import unwrap
 from r1mega.utils.device import current_device, device_batches
 
 Batch = dict[str, torch.Tensor]
@@ -197,18 +197,21 @@ def forward_backward(
         forward_only=forward_only,
         seq_length=seq_length,
     )
-    return reduce_reports(reports, keys)
+    return reduce_reports(reports, keys, unwrap(trainer.model[0]).pg_collection.tp)
 
 
-def reduce_reports(reports: list[dict[str, torch.Tensor]], keys: Sequence[str] = ("lm_loss",)) -> dict[str, float]:
+def reduce_reports(
+    reports: list[dict[str, torch.Tensor]], keys: Sequence[str] = ("lm_loss",), tp_group: Any = None
+) -> dict[str, float]:
     """Sum each (total, count) report over micro-batches and ranks: one token mean per key, on every rank.
 
-    Only the last pipeline stage has reports and TP ranks hold copies, so TP rank 0 contributes; the
+    Only the last pipeline stage has reports and TP ranks hold copies, so TP rank 0 of ``tp_group`` (the model's
+    tensor-parallel group; None: one rank per model) contributes; the
     all-reduce runs over the whole world, so every rank learns the same numbers. The sums stay on the
     device until the one host read at the end (no sync per micro-batch).
     """
     sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=current_device())
-    if parallel_state.get_tensor_model_parallel_rank() == 0:
+    if tp_group is None or dist.get_rank(tp_group) == 0:
         for report in reports:
             for i, key in enumerate(keys):
                 if key in report:
