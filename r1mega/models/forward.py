@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from torch import Tensor
 
@@ -53,6 +52,7 @@ def forward_logits(
         attention_mask = attention_mask.to(device, non_blocking=True)
     with mtp_disabled(model):
         logits = model(input_ids, position_ids, attention_mask)  # (b, s, V / tp)
-    if gather and unwrap(model).post_process and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        logits = gather_from_tensor_model_parallel_region(logits)
+    tp_group = unwrap(model).pg_collection.tp
+    if gather and unwrap(model).post_process and tp_group.size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits, group=tp_group)
     return logits

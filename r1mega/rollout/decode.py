@@ -40,11 +40,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from r1mega.models.fp8 import fake_quantize_1x128, fake_quantize_128x128, fp8_blockwise_linear, is_fp8_layer
@@ -78,6 +80,23 @@ class StepInputs:
             cache.index_copy_(dim, self.slots, new)
         else:
             cache.narrow(dim, self.start, new.shape[dim]).copy_(new)
+
+
+def rollout_groups(
+    config: TransformerConfig, groups: ProcessGroupCollection | None
+) -> tuple[torch.distributed.ProcessGroup | None, ...]:
+    """(tensor-parallel, expert-parallel, pipeline) groups a model built with ``config`` generates over; None
+    where that dimension is 1. A split model needs its groups passed (``ParallelContext.groups``)."""
+    tp, ep = config.tensor_model_parallel_size, config.expert_model_parallel_size
+    pp = config.pipeline_model_parallel_size
+    if groups is None:
+        if tp > 1 or ep > 1 or pp > 1:
+            raise ValueError(
+                f"the model is split (TP={tp}, EP={ep}, PP={pp}): pass its process groups to the rollout engine "
+                "(groups=ctx.groups from r1mega.parallel.bootstrap)"
+            )
+        return None, None, None
+    return (groups.tp if tp > 1 else None), (groups.ep if ep > 1 else None), (groups.pp if pp > 1 else None)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

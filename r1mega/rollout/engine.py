@@ -37,59 +37,24 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models.builder import unwrap
-from r1mega.rollout.decode import CachedDecoder, StepInputs
+from r1mega.rollout.decode import CachedDecoder, StepInputs, rollout_groups
 from r1mega.rollout.graphs import GraphedDecoder, batch_bucket, graph_refusal, length_capacity
 from r1mega.rollout.kv_cache import KVCache
+from r1mega.rollout.outputs import Completion, GenerationStats
 from r1mega.rollout.sampling import SamplingParams, sample_tokens
 from r1mega.rollout.scheduler import RowScheduler
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-@dataclass
-class Completion:
-    """One sampled completion."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    """Generated tokens, including a final end-of-sequence or stop token."""
-    logprobs: list[float]
-    """log p(token) under ``log_softmax(logits / T)`` per generated token (see ``sampling``)."""
-    text: str
-    """Decoded completion, without a final end-of-sequence token and cut before a stop string."""
-    finish_reason: str
-    """``eos``, ``stop`` (a stop token or string) or ``length``."""
-
-
-@dataclass
-class GenerationStats:
-    """Timing and size of the last ``generate`` call on this rank."""
-
-    prompts: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    steps: int = 0
-    cache_bytes: int = 0
-    cache_bytes_per_token: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens per second of wall time (prefill included)."""
-        return self.generated_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
 @contextmanager
@@ -127,23 +92,6 @@ class _Batch:
     def size(self) -> int:
         """Cache rows the model runs (real rows plus graph padding)."""
         return self.key_bias.shape[0]
-
-
-def rollout_groups(
-    config: TransformerConfig, groups: ProcessGroupCollection | None
-) -> tuple[torch.distributed.ProcessGroup | None, ...]:
-    """(tensor-parallel, expert-parallel, pipeline) groups a model built with ``config`` generates over; None
-    where that dimension is 1. A split model needs its groups passed (``ParallelContext.groups``)."""
-    tp, ep = config.tensor_model_parallel_size, config.expert_model_parallel_size
-    pp = config.pipeline_model_parallel_size
-    if groups is None:
-        if tp > 1 or ep > 1 or pp > 1:
-            raise ValueError(
-                f"the model is split (TP={tp}, EP={ep}, PP={pp}): pass its process groups to the rollout engine "
-                "(groups=ctx.groups from r1mega.parallel.bootstrap)"
-            )
-        return None, None, None
-    return (groups.tp if tp > 1 else None), (groups.ep if ep > 1 else None), (groups.pp if pp > 1 else None)
 
 
 class RolloutEngine:

@@ -1,0 +1,41 @@
+"""What a rollout call returns: the sampled completions and the call's timing and size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Completion:
+    """One sampled completion."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated tokens, including a final end-of-sequence or stop token."""
+    logprobs: list[float]
+    """log p(token) under ``log_softmax(logits / T)`` per generated token (see ``sampling``)."""
+    text: str
+    """Decoded completion, without a final end-of-sequence token and cut before a stop string."""
+    finish_reason: str
+    """``eos``, ``stop`` (a stop token or string) or ``length``."""
+
+
+@dataclass
+class GenerationStats:
+    """Timing and size of the last ``generate`` call on this rank."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    cache_bytes: int = 0
+    cache_bytes_per_token: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of wall time (prefill included)."""
+        return self.generated_tokens / max(self.prefill_s + self.decode_s, 1e-9)
