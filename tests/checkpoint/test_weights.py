@@ -43,7 +43,7 @@ def test_the_saved_weights_load(saved: Path) -> None:
     _load(saved)
 
 
-def test_a_missing_folder_is_one_sentence(tmp_path: Path) -> None:
+def test_a_missing_folder_is_one_sentence(saved: Path, tmp_path: Path) -> None:  # saved: the process group
     with pytest.raises(CheckpointError, match=f"^cannot load weights from {tmp_path / 'nope'}: no such folder$"):
         _load(tmp_path / "nope")
 
