@@ -92,6 +92,9 @@ def _precheck(argv: list[str]) -> None:
 def main_for(app: Callable[[], None]) -> None:
     """Console entry point of a Hydra app: reject a bad config in one line before Hydra starts; after a multirun
     whose jobs failed, exit with the first failure's status from ``r1mega.cli.exits``."""
+    from r1mega.utils.logging import quiet_known_warnings
+
+    quiet_known_warnings()  # before the app imports megatron-core (r1mega-eval printed its TE/Apex fallbacks)
     register_configs()
     argv = sys.argv[1:]
     if not any(a in HYDRA_INFO_FLAGS for a in argv):

@@ -39,3 +39,17 @@ def test_each_quiet_pattern_is_a_valid_filter(message: str, category: type[Warni
 
     re.compile(message)
     assert issubclass(category, Warning)
+
+
+def test_r1mega_eval_imports_megatron_quietly(tmp_path: Path) -> None:
+    """r1mega-eval's app imports megatron-core before the job sets up logging: the entry point quiets the known
+    warnings first. A fresh interpreter (the zygote has imported megatron-core already); the run stops at its
+    missing prompt file, after the imports."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "r1mega.cli.eval", f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and "data.eval_path=None is invalid" in proc.stderr, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
