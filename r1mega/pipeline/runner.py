@@ -170,9 +170,8 @@ class PipelineRunner:
         if step.kind == "export" and step.check_prompts:
             generations = out / "generations.json"
             check = [*self._launcher(MODULES["hf_check"], 1), outputs["hf"], "--prompts", step.check_prompts]
-            args = [self._resolve(a, step) for a in step.overrides]
-            if "--ckpt" in args[:-1]:
-                check += ["--ckpt", args[args.index("--ckpt") + 1]]
+            if "--ckpt" in cmd[:-1]:  # the exported checkpoint, as the export command resolved it
+                check += ["--ckpt", cmd[cmd.index("--ckpt") + 1]]
             check += [a for o in step.check_overrides for a in ("--override", o)]
             check += ["--num", str(step.check_num), "--max-new-tokens", str(step.check_max_new_tokens)]
             self._run([*check, "--out", str(generations)], out / "step.log")

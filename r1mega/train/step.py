@@ -201,17 +201,17 @@ def forward_backward(
 
 
 def reduce_reports(
-    reports: list[dict[str, torch.Tensor]], keys: Sequence[str] = ("lm_loss",), tp_group: Any = None
+    reports: list[dict[str, torch.Tensor]], keys: Sequence[str], tp_group: dist.ProcessGroup
 ) -> dict[str, float]:
     """Sum each (total, count) report over micro-batches and ranks: one token mean per key, on every rank.
 
     Only the last pipeline stage has reports and TP ranks hold copies, so TP rank 0 of ``tp_group`` (the model's
-    tensor-parallel group; None: one rank per model) contributes; the
+    tensor-parallel group) contributes; the
     all-reduce runs over the whole world, so every rank learns the same numbers. The sums stay on the
     device until the one host read at the end (no sync per micro-batch).
     """
     sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=current_device())
-    if tp_group is None or dist.get_rank(tp_group) == 0:
+    if dist.get_rank(tp_group) == 0:
         for report in reports:
             for i, key in enumerate(keys):
                 if key in report:
