@@ -145,7 +145,20 @@ class GRPOConfig:
     """MTP speculative decoding in the rollout: the model's multi-token-prediction module drafts a token that
     the policy verifies in its next forward, with the exact acceptance rule (samples keep the policy's
     distribution; log-probabilities are the policy's). Needs model.mtp_num_layers >= 1 and TP = EP = 1. RL
-    does not train MTP, so acceptance falls as the policy moves away from the weights MTP learned with."""
+    does not train MTP unless ``mtp_loss_coef > 0``; without it acceptance falls as the policy moves away from
+    the weights MTP learned with."""
+    mtp_loss_coef: float = 0.0
+    """Keeps the model's multi-token-prediction module trained during RL: the MTP cross entropy on the policy's own
+    sampled responses (every depth, per response token, normalised like ``loss_agg_mode=token-mean``) is added to
+    the loss with this weight, and ``mtp_loss`` / ``mtp_acc`` (depth 1 top-1 accuracy on the step's fresh
+    rollouts) are logged. 0: MTP is neither run nor trained in the update (it goes stale). Needs
+    model.mtp_num_layers >= 1."""
+    micro_batch_tokens: int | None = None
+    """Token-budget micro-batches for the update and the log-probability passes: responses (prompt + response) are
+    packed end to end, longest first, into rows of at most this many tokens, one row per micro-batch, with
+    per-response positions and attention (no padding computed; the same loss as the padded rows).
+    ``optim.micro_batch_size`` is then unused by GRPO. None: ``optim.micro_batch_size`` responses per
+    micro-batch, each right-padded to the longest."""
     eval_samples: int = 4
     """Samples per held-out prompt in evaluation (pass@1 is averaged over them; cons@k votes over them)."""
     eval_prompts: int = 0
@@ -166,6 +179,9 @@ class GRPOConfig:
         _check_positive("grpo.eval_samples", self.eval_samples)
         _check_positive("grpo.eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
         _check_positive("grpo.rollout_batch", self.rollout_batch, allow_none=True)
+        _check_positive("grpo.micro_batch_tokens", self.micro_batch_tokens, allow_none=True)
+        if self.mtp_loss_coef < 0:
+            raise ConfigError("grpo.mtp_loss_coef", self.mtp_loss_coef, "0 (MTP not trained in RL) or more")
         if self.eval_prompts < 0:
             raise ConfigError("grpo.eval_prompts", self.eval_prompts, "0 (all) or more")
         for key in ("temperature", "eval_temperature"):

@@ -319,6 +319,12 @@ def _validate_grpo(cfg: R1Config, dp: int) -> None:
     if g.prompts_per_step % dp:
         raise ConfigError("grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {dp}")
     responses = g.prompts_per_step // dp * g.group_size
+    if g.micro_batch_tokens is not None:
+        mbs = 1  # token-budget micro-batches: any number of responses per mini-batch
+    if g.mtp_loss_coef > 0 and not cfg.model.mtp_num_layers:
+        raise ConfigError(
+            "grpo.mtp_loss_coef", g.mtp_loss_coef, f"0 for model={cfg.model.name}, which has no MTP layers"
+        )
     if responses % (g.mini_batches * mbs):
         raise ConfigError(
             "grpo.mini_batches",

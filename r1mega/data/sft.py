@@ -328,17 +328,25 @@ def make_batch(rows: Sequence[PackedSequence], seq_length: int, pad_id: int) -> 
             position_ids[r, start : start + n] = torch.arange(n)
             doc_ids[r, start : start + n] = d
             start += n
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (b, s, s) query x key
-    causal = torch.tril(torch.ones(s, s, dtype=torch.bool))  # (s, s)
-    allowed = same_doc & causal & (doc_ids >= 0)[:, :, None]  # (b, s, s)
-    allowed |= torch.eye(s, dtype=torch.bool)
     return {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
         "position_ids": position_ids,
-        "attention_mask": ~allowed[:, None],  # (b, 1, s, s), True = masked out
+        "attention_mask": document_attention_mask(doc_ids),
     }
+
+
+def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Per-document causal attention of packed rows, ``(b, s)`` document ids (-1 for padding) to a ``(b, 1, s, s)``
+    mask, True where attention is *masked out* (megatron's convention): a token sees only earlier tokens of its own
+    document; padding sees only itself (a fully masked row would give NaN)."""
+    s = doc_ids.shape[1]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (b, s, s) query x key
+    causal = torch.tril(torch.ones(s, s, dtype=torch.bool))  # (s, s)
+    allowed = same_doc & causal & (doc_ids >= 0)[:, :, None]  # (b, s, s)
+    allowed |= torch.eye(s, dtype=torch.bool)
+    return ~allowed[:, None]  # (b, 1, s, s)
 
 
 class SFTSampler:

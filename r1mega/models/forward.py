@@ -1,18 +1,22 @@
 """The training forward that returns logits rather than the language-model loss.
 
 GRPO, evaluation of log-probabilities and parity tests need logits. megatron-core 0.16.1's ``GPTModel``
-with multi-token prediction requires labels in every forward (it clones them for the MTP loss), so the
-MTP block is switched off for the duration of the call: policy-gradient stages do not train MTP (as in
-DeepSeek-R1's RL stages), and the main head's logits are unchanged by it.
+with multi-token prediction requires labels in every forward (it clones them for the MTP loss) and then
+returns the loss, not logits. :func:`forward_logits` switches the MTP block off for the call (the main
+head's logits are unchanged by it); :func:`forward_logits_mtp` keeps it on and returns every head's logits,
+for a caller that trains MTP with its own loss (GRPO's ``grpo.mtp_loss_coef``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from r1mega.models.builder import unwrap
@@ -52,7 +56,70 @@ def forward_logits(
         attention_mask = attention_mask.to(device, non_blocking=True)
     with mtp_disabled(model):
         logits = model(input_ids, position_ids, attention_mask)  # (b, s, V / tp)
+    return _gathered(model, logits, gather)
+
+
+def _gathered(model: torch.nn.Module, logits: Tensor, gather: bool) -> Tensor:
+    """``logits`` with the vocabulary shards of the model's tensor-parallel ranks collected (when ``gather``)."""
     tp_group = unwrap(model).pg_collection.tp
     if gather and unwrap(model).post_process and tp_group.size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits, group=tp_group)
     return logits
+
+
+def forward_logits_mtp(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    gather: bool = True,
+) -> tuple[Tensor, list[Tensor]]:
+    """Main-head logits ``(b, s, V)`` and each MTP depth's logits ``[(b, s, V)] * mtp_num_layers`` from one
+    forward with the MTP block on; differentiable (gradients reach the MTP block and, through its input, the trunk).
+
+    Depth ``k``'s logits at position ``t`` predict ``labels[t + k]``. megatron puts its own MTP loss into the
+    graph (scaled by ``mtp_loss_scaling_factor``); the factor is 0 for the call, so the caller's loss on the
+    returned logits is the only MTP term. The logits are read from the output layer, which megatron calls once
+    per MTP depth and then once for the main head (megatron's own losses get a copy: its cross entropy works in
+    place). A pipeline stage other than the last returns its hidden
+    states and no MTP logits.
+    """
+    device = next(model.parameters()).device
+    input_ids, position_ids, labels = (t.to(device, non_blocking=True) for t in (input_ids, position_ids, labels))
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device, non_blocking=True)
+    inner = unwrap(model)
+    if inner.config.mtp_num_layers is None:
+        raise ValueError("forward_logits_mtp needs a model with MTP layers (model.mtp_num_layers >= 1)")
+    _fit_moe_tracker(inner.config)
+    captured: list[Tensor] = []
+    hook = None
+
+    def keep(_module: torch.nn.Module, _args: Any, out: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+        captured.append(out[0])
+        return out[0].clone(), out[1]  # megatron's cross entropy shifts its input in place: give it a copy
+
+    if inner.post_process:
+        hook = inner.output_layer.register_forward_hook(keep)
+    scale, inner.config.mtp_loss_scaling_factor = inner.config.mtp_loss_scaling_factor, 0.0
+    try:
+        out = model(input_ids, position_ids, attention_mask, labels=labels)
+    finally:
+        inner.config.mtp_loss_scaling_factor = scale
+        if hook is not None:
+            hook.remove()
+    if not inner.post_process:
+        return out, []
+    heads = [_gathered(model, z.transpose(0, 1), gather) for z in captured]  # (s, b, V/tp) -> (b, s, V)
+    return heads[-1], heads[:-1]
+
+
+def _fit_moe_tracker(config: TransformerConfig) -> None:
+    """Make room in megatron's per-layer MoE aux-loss log for the MTP layers: a forward without MTP (``mtp_disabled``)
+    creates it with one slot per decoder layer, and the MTP layer's router then writes past its end."""
+    need = config.num_layers + (config.mtp_num_layers or 0)
+    for entry in get_moe_layer_wise_logging_tracker().values():
+        values = entry.get("values")
+        if values is not None and values.numel() < need:
+            entry["values"] = torch.cat([values, values.new_zeros(need - values.numel())])

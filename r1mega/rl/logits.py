@@ -84,3 +84,13 @@ def token_logprobs(
     fn = partial(_logprob_rows, temperature=temperature)
     logp = _rowwise(fn, chunk_size, logits.reshape(b * t, v), labels.reshape(b * t)).reshape(b, t)  # (b, t)
     return logp if mask is None else torch.where(mask.bool(), logp, 0)  # (b, t)
+
+
+def mask_padded_vocab(logits: Tensor, vocab: int) -> Tensor:
+    """``logits (..., V)`` with the entries at ids ``>= vocab`` (the model's padded vocabulary rows beyond the
+    tokenizer) set to the dtype's minimum, as the rollout engine samples: ``exp()`` gives exactly 0 and, unlike
+    ``-inf``, no NaN."""
+    if vocab >= logits.shape[-1]:
+        return logits
+    keep = torch.arange(logits.shape[-1], device=logits.device) < vocab  # (V,)
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)

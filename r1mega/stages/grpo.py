@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
@@ -31,19 +30,32 @@ import torch
 from r1mega.checkpoint.weights import load_weights
 from r1mega.config.errors import ConfigError
 from r1mega.config.schema import R1Config, RewardConfig
-from r1mega.data.prompts import Prompt, PromptSampler, load_prompts, render_prompt
+from r1mega.data.prompts import PromptSampler, load_prompts, render_prompt
 from r1mega.data.tokenizer import load_model_tokenizer, pad_token_id
 from r1mega.eval.protocol import evaluate_prompts, summarize
-from r1mega.models.builder import build_model, unwrap
-from r1mega.models.forward import forward_logits
+from r1mega.models.builder import build_model, unwrap, use_transformer_engine
+from r1mega.models.forward import forward_logits, forward_logits_mtp
 from r1mega.parallel.bootstrap import ParallelContext
 from r1mega.rewards.reward_model import attach_reward_model
 from r1mega.rewards.scorer import RewardScorer
 from r1mega.rl import compute_advantages, compute_policy_objective, entropy_from_logits, token_logprobs
 from r1mega.rl.kl import apply_kl_to_rewards
-from r1mega.rollout import Completion, RolloutEngine, SamplingParams
+from r1mega.rl.logits import mask_padded_vocab
+from r1mega.rl.mtp import mtp_cross_entropy
+from r1mega.rollout import RolloutEngine, SamplingParams
 from r1mega.stages.base import Stage
-from r1mega.train.step import Batch, Trainer, run_schedule, train_step
+from r1mega.stages.grpo_batches import (
+    Batch,
+    Plan,
+    Sample,
+    make_batch,
+    padded_columns,
+    plan_packed,
+    plan_padded,
+    response_values,
+    round_up,
+)
+from r1mega.train.step import Trainer, run_schedule, train_step
 from r1mega.utils.device import current_device, to_device
 from r1mega.utils.logging import get_logger
 
@@ -55,23 +67,8 @@ TOKEN_KEYS = ("pg_clipfrac_low", "pg_clipfrac_high", "ppo_kl")
 """Per-token means of each micro-batch: reported weighted by its tokens."""
 CORRECTION_KEYS = ("rollout_is_mean", "rollout_is_clipfrac", "rollout_logp_gap")
 """Per-token means reported (like ``TOKEN_KEYS``) when ``grpo.loss.rollout_correction`` is on."""
-
-
-@dataclass
-class Sample:
-    """One response of a rollout batch."""
-
-    prompt: Prompt
-    prompt_ids: list[int]
-    completion: Completion
-    reward: float = 0.0
-    values: dict[str, float] = field(default_factory=dict)
-    advantage: float = 0.0
-    ref_logprobs: list[float] | None = None
-    old_logprobs: list[float] | None = None
-    """The trainer's log-probabilities of the response before the updates (only with a rollout correction)."""
-    trained: bool = True
-    """False for responses excluded from the loss (overlong filtering)."""
+MTP_KEYS = ("mtp_loss", "mtp_acc")
+"""Reported when ``grpo.mtp_loss_coef > 0``: the MTP term (like ``SHARE_KEYS``) and depth-1 top-1 accuracy."""
 
 
 class GRPOStage(Stage):
@@ -95,7 +92,16 @@ class GRPOStage(Stage):
             )
         self.local_prompts = g.prompts_per_step // self.dp
         per_update = self.local_prompts * g.group_size // g.mini_batches
-        mbs = cfg.optim.micro_batch_size
+        self.budget = g.micro_batch_tokens
+        mbs = 1 if self.budget else cfg.optim.micro_batch_size  # a packed micro-batch is one row
+        self.mbs = mbs
+        if self.budget and use_transformer_engine(cfg):
+            raise ConfigError(
+                "grpo.micro_batch_tokens",
+                self.budget,
+                "null with Transformer Engine layers for now (TE's causal kernel ignores the per-response mask; "
+                "THD packed sequences are not wired yet)",
+            )
         if (self.local_prompts * g.group_size) % g.mini_batches or per_update % mbs:
             raise ConfigError(
                 "grpo.mini_batches",
@@ -103,7 +109,9 @@ class GRPOStage(Stage):
                 f"a divisor that leaves a multiple of optim.micro_batch_size={mbs} of the "
                 f"{self.local_prompts * g.group_size} responses per rank and step",
             )
-        self.num_microbatches = per_update // mbs
+        self.mtp_coef = g.mtp_loss_coef
+        self._layouts: list[tuple[int, float]] = []  # per update of the running step: micro-batches, padding share
+        self._scale = 1.0  # micro-batches x DP of the running update (megatron divides by both; the loss undoes it)
         self.tokenizer = load_model_tokenizer(d.tokenizer, cfg.model.vocab_size)
         self.pad_id = pad_token_id(self.tokenizer)
         self.prompts = load_prompts(d.train_path)
@@ -184,7 +192,7 @@ class GRPOStage(Stage):
         """Sample and score this rank's groups (refilling zero-variance groups with dynamic sampling)."""
         kept: list[list[Sample]] = []
         spare: list[list[Sample]] = []
-        stats = {"groups_sampled": 0.0, "zero_variance_groups": 0.0}
+        stats = {"groups_sampled": 0.0, "zero_variance_groups": 0.0, "drafted": 0.0, "accepted": 0.0}
         for round_ in range(self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
             need = self.local_prompts - len(kept)
             # Every rank samples in every round (MoE layers exchange tokens across ranks in each forward).
@@ -193,6 +201,8 @@ class GRPOStage(Stage):
             t0 = time.perf_counter()
             groups = self._sample_groups(max(need, 1))
             t1 = time.perf_counter()
+            for key in ("drafted", "accepted"):  # MTP drafts of speculative decoding
+                stats[key] += self.engine.stats.extra.get(key, 0)
             self._score(groups)
             timing["rollout_s"] += t1 - t0
             timing["reward_s"] += time.perf_counter() - t1
@@ -209,7 +219,7 @@ class GRPOStage(Stage):
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         loss = self.g.loss
         if loss.kl_coef > 0 and loss.kl_in_reward:
-            old, ref, mask = self._padded([s.completion.logprobs for s in samples], [s.ref_logprobs for s in samples])
+            old, ref, mask = padded_columns([s.completion.logprobs for s in samples], [s.ref_logprobs for s in samples])
             rewards = apply_kl_to_rewards(rewards, old, ref, mask, loss.kl_coef, loss.kl_estimator)
         group_ids = torch.arange(len(groups)).repeat_interleave(self.g.group_size)
         adv = compute_advantages(loss.adv_estimator, rewards.float(), group_ids=group_ids, eps=loss.adv_eps)
@@ -218,64 +228,39 @@ class GRPOStage(Stage):
             if self.g.overlong_filter and s.completion.finish_reason == "length":
                 s.trained = False
 
-    @staticmethod
-    def _padded(*columns: list[list[float]]) -> tuple[torch.Tensor, ...]:
-        width = max(len(row) for row in columns[0])
-        out = []
-        for rows in columns:
-            t = torch.zeros(len(rows), width)
-            for i, row in enumerate(rows):
-                t[i, : len(row)] = torch.tensor(row)
-            out.append(t)
-        mask = torch.zeros(len(columns[0]), width, dtype=torch.bool)
-        for i, row in enumerate(columns[0]):
-            mask[i, : len(row)] = True
-        return (*out, mask)
-
     # ---- training batches ---------------------------------------------------------------------------
 
-    def _width(self, samples: Sequence[Sample]) -> int:
-        """Row width for ``samples``: the longest prompt + response, a multiple of TP (sequence parallelism
-        splits rows over TP ranks)."""
-        longest = max(len(s.prompt_ids) + len(s.completion.token_ids) for s in samples)
-        return -(-longest // self.tp) * self.tp
+    def _plan(self, samples: Sequence[Sample]) -> Plan:
+        """Micro-batches of ``samples``, as many on every rank: MoE layers exchange tokens in every forward and the
+        loss shares assume it, so a rank whose responses pack into fewer rows runs empty micro-batches."""
+        if not self.budget:
+            return plan_padded(len(samples), self.mbs)
+        plan = plan_packed([len(s) for s in samples], self.budget)
+        count = torch.tensor([len(plan)], device=current_device())
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return plan + [[[]] for _ in range(int(count.item()) - len(plan))]
 
-    def _batch(self, samples: Sequence[Sample], with_ref: bool, width: int | None = None) -> Batch:
-        """A micro-batch: prompt + response rows, right-padded (to ``width``, else to its own ``_width``); old
-        log-probs aligned with the labels (the trainer's, and the sampler's as ``rollout_logp``, with a
-        rollout correction)."""
+    def _microbatches(
+        self, samples: Sequence[Sample], plan: Plan, with_ref: bool
+    ) -> tuple[Iterator[Batch], int | None]:
+        """The micro-batches of ``plan`` (built as the schedule asks for them) and, under pipeline parallelism,
+        their one width (stages exchange fixed-shape activations; else each is as wide as its longest row). Widths
+        are multiples of TP (sequence parallelism splits rows over TP ranks)."""
+        widths = self._widths(samples, plan)
+        fixed = max(widths) if self.pp > 1 else None
         correct = self.g.loss.rollout_correction is not None
-        seqs = [s.prompt_ids + s.completion.token_ids for s in samples]
-        width = width or self._width(samples)
-        b = len(samples)
-        tokens = torch.full((b, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(b, width)
-        old = torch.zeros(b, width)
-        ref = torch.zeros(b, width)
-        rollout = torch.zeros(b, width)
-        for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
-            tokens[i, : len(seq)] = torch.tensor(seq)
-            labels[i, : len(seq) - 1] = torch.tensor(seq[1:])
-            start, n = len(s.prompt_ids) - 1, len(s.completion.token_ids)  # label positions of the response
-            mask[i, start : start + n] = float(s.trained)
-            old[i, start : start + n] = torch.tensor(s.old_logprobs or s.completion.logprobs)  # trainer's if set
-            rollout[i, start : start + n] = torch.tensor(s.completion.logprobs)
-            if with_ref and s.ref_logprobs is not None:
-                ref[i, start : start + n] = torch.tensor(s.ref_logprobs)
-        batch = {
-            "tokens": tokens,
-            "labels": labels,
-            "position_ids": torch.arange(width)[None].expand(b, width),
-            "mask": mask,
-            "old_logp": old,
-            "advantages": torch.tensor([s.advantage for s in samples]),
-        }
-        if with_ref:
-            batch["ref_logp"] = ref
-        if correct:
-            batch["rollout_logp"] = rollout
-        return batch
+        batches = (
+            make_batch(
+                [[samples[i] for i in row] for row in mb], fixed or w, self.pad_id, with_ref=with_ref, correct=correct
+            )  # fmt: skip
+            for mb, w in zip(plan, widths, strict=True)
+        )
+        return batches, fixed
+
+    def _widths(self, samples: Sequence[Sample], plan: Plan) -> list[int]:
+        """Each micro-batch's width when stages need not agree: its longest row, rounded up to a multiple of TP."""
+        rows = [[sum(len(samples[i]) for i in row) for row in mb] for mb in plan]
+        return [round_up(max([*lengths, 1]), self.tp) for lengths in rows]
 
     def _reference_logprobs(self, samples: Sequence[Sample]) -> None:
         for s, logprobs in zip(samples, self._logprobs(self.ref, samples), strict=True):
@@ -283,79 +268,85 @@ class GRPOStage(Stage):
 
     def _logprobs(self, chunks: Sequence[torch.nn.Module], samples: Sequence[Sample]) -> list[list[float]]:
         """The log-probabilities of each sample's response tokens under the model of ``chunks`` (no gradients)."""
-        mbs = self.cfg.optim.micro_batch_size
-        rows: list[torch.Tensor] = []  # per sample, on the device until one read at the end
+        plan = self._plan(samples)
+        batches, width = self._microbatches(samples, plan, with_ref=False)
         with torch.no_grad():
             if self.pp > 1:
-                rows = self._pipeline_logprobs(chunks, samples)
+                total = sum(len(s.completion.token_ids) for s in samples)
+                flat = self._pipeline_logprobs(chunks, batches, len(plan), width, total)
             else:
-                for i in range(0, len(samples), mbs):
-                    chunk = samples[i : i + mbs]
-                    b = to_device(self._batch(chunk, with_ref=False))
-                    logits = forward_logits(chunks[0], b["tokens"], b["position_ids"])
-                    rows += self._response_logprobs(chunk, b, logits)
-        flat = torch.cat(rows).tolist() if rows else []
-        out, offset = [], 0
-        for s in samples:
-            n = len(s.completion.token_ids)
-            out.append(flat[offset : offset + n])
+                parts = []  # on the device until one read at the end
+                for b in batches:
+                    b = to_device(b)
+                    logits = forward_logits(chunks[0], b["tokens"], b["position_ids"], b.get("attention_mask"))
+                    parts.append(self._response_logprobs(b, logits))
+                flat = torch.cat(parts)
+        values = flat.tolist()
+        out: list[list[float]] = [[] for _ in samples]
+        offset = 0
+        for i in (i for mb in plan for row in mb for i in row):  # the micro-batches' response order
+            n = len(samples[i].completion.token_ids)
+            out[i] = values[offset : offset + n]
             offset += n
         return out
 
-    def _response_logprobs(self, chunk: Sequence[Sample], b: Batch, logits: torch.Tensor) -> list[torch.Tensor]:
-        """Per sample of ``chunk``: the log-probabilities (n,) of its response tokens from ``logits`` (b, s, V)."""
+    def _response_logprobs(self, b: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """The log-probabilities of every response token of micro-batch ``b`` from its ``logits`` (b, s, V), flat
+        in response order."""
         logp = token_logprobs(self._valid_vocab(logits.float()), b["labels"], temperature=self.g.temperature)
-        rows = []
-        for s, row in zip(chunk, logp, strict=True):
-            start = len(s.prompt_ids) - 1
-            rows.append(row[start : start + len(s.completion.token_ids)])
-        return rows
+        values = response_values(logp, b["index"])  # (n, t)
+        lengths = b["lengths"]  # (n,)
+        return values[torch.arange(values.shape[1], device=values.device)[None] < lengths[:, None]]
 
-    def _pipeline_logprobs(self, chunks: Sequence[torch.nn.Module], samples: Sequence[Sample]) -> list[torch.Tensor]:
+    def _pipeline_logprobs(
+        self, chunks: Sequence[torch.nn.Module], batches: Iterator[Batch], count: int, width: int, total: int
+    ) -> torch.Tensor:
         """``_logprobs`` through megatron's forward-only pipeline schedule: the last stage computes them and
         broadcasts them to its pipeline group (one flat tensor of every response token)."""
-        mbs, width = self.cfg.optim.micro_batch_size, self._width(samples)
-        chunked = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
-        rows: list[torch.Tensor] = []
+        parts: list[torch.Tensor] = []
 
         def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
             b = next(data_iterator)
-            logits = forward_logits(model, b["tokens"], b["position_ids"])
-            return logits, partial(collect, chunked[int(b["index"])], b)
+            logits = forward_logits(model, b["tokens"], b["position_ids"], b.get("attention_mask"))
+            return logits, partial(collect, b)
 
-        def collect(chunk: Sequence[Sample], b: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            rows.extend(self._response_logprobs(chunk, b, logits))
+        def collect(b: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            parts.append(self._response_logprobs(b, logits))
             return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
-        batches = ({**self._batch(c, False, width), "index": torch.tensor(k)} for k, c in enumerate(chunked))
-        run_schedule(self.cfg, chunks, batches, forward_step, len(chunked), forward_only=True, seq_length=width)
-        total = sum(len(s.completion.token_ids) for s in samples)
-        flat = torch.cat(rows) if rows else torch.empty(total, device=current_device())
+        run_schedule(
+            self.cfg, chunks, batches, forward_step, count, forward_only=True, seq_length=width,
+            micro_batch_size=self.mbs,
+        )  # fmt: skip
+        flat = torch.cat(parts) if parts else torch.empty(total, device=current_device())
         torch.distributed.broadcast(flat, src=self._pp_last(), group=self.pp_group)
-        return [flat]
+        return flat
 
     def _pp_last(self) -> int:
         """Global rank of this pipeline's last stage."""
         return torch.distributed.get_global_rank(self.pp_group, self.pp - 1)
 
     def _valid_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits with the padded vocabulary rows beyond the tokenizer masked, as the rollout engine samples."""
-        n = len(self.tokenizer)
-        if n >= logits.shape[-1]:
-            return logits
-        keep = torch.arange(logits.shape[-1], device=logits.device) < n
-        return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)  # exp() is exactly 0, unlike -inf no NaN
+        return mask_padded_vocab(logits, len(self.tokenizer))
 
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        logits = forward_logits(model, batch["tokens"], batch["position_ids"])  # (b, s, V)
-        return logits, partial(self._loss, batch)
+        args = (model, batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        if self.mtp_coef > 0:  # (b, s, V) and one (b, s, V) per MTP depth
+            logits, heads = forward_logits_mtp(*args, labels=batch["labels"])
+        else:
+            logits, heads = forward_logits(*args), []
+        return logits, partial(self._loss, batch, heads)
 
-    def _loss(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(
+        self, batch: Batch, heads: list[torch.Tensor], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         loss_cfg, mask, temperature = self.g.loss, batch["mask"], self.g.temperature
+        index = batch["index"]  # (n, t) response label positions in the flattened rows
         logits = self._valid_vocab(logits.float())
-        logp = token_logprobs(logits, batch["labels"], mask=mask, temperature=temperature)  # (b, s)
-        entropy = entropy_from_logits(logits if loss_cfg.entropy_coef > 0 else logits.detach(), temperature=temperature)
+        logp = response_values(token_logprobs(logits, batch["labels"], temperature=temperature), index)  # (n, t)
+        entropy_logits = logits if loss_cfg.entropy_coef > 0 else logits.detach()
+        entropy = response_values(entropy_from_logits(entropy_logits, temperature=temperature), index)  # (n, t)
         tokens, seqs = self._normalizers
         loss, metrics = compute_policy_objective(
             logp,
@@ -369,15 +360,24 @@ class GRPOStage(Stage):
             global_seqs=seqs,
             rollout_logp=batch.get("rollout_logp"),
         )
+        ntok = mask.sum()
+        share = torch.tensor(1.0 / self._scale, device=ntok.device)
+        report = {}
+        if heads:
+            # depths x the global response tokens: micro-batches and ranks add up to the batch's token mean
+            heads = [self._valid_vocab(z.float()) for z in heads]  # (b, s, V) each
+            mtp_sum, correct, count = mtp_cross_entropy(heads, batch["labels"], batch["loss_mask"])
+            mtp_loss = mtp_sum / (len(heads) * tokens)
+            loss = loss + self.mtp_coef * mtp_loss
+            metrics["loss"] = loss.detach()
+            report["mtp_loss"] = torch.stack([mtp_loss.detach(), share])
+            report["mtp_acc"] = torch.stack([correct, count])
         # megatron divides by the micro-batch count and data-parallel averaging divides by dp: undo both, so
         # gradients are those of the whole batch's loss.
-        scale = self.num_microbatches * self.dp
-        ntok = mask.sum()
-        share = torch.tensor(1.0 / scale, device=ntok.device)
-        report = {k: torch.stack([metrics[k].float(), share]) for k in SHARE_KEYS if k in metrics}
+        report.update({k: torch.stack([metrics[k].float(), share]) for k in SHARE_KEYS if k in metrics})
         token_keys = (*TOKEN_KEYS, *CORRECTION_KEYS)
         report.update({k: torch.stack([metrics[k].float() * ntok, ntok]) for k in token_keys if k in metrics})
-        return loss * scale, torch.ones((), dtype=torch.int, device=ntok.device), report
+        return loss * self._scale, torch.ones((), dtype=torch.int, device=ntok.device), report
 
     def _update(self, trainer: Trainer, samples: list[Sample]) -> dict[str, float]:
         """One optimizer update on ``samples`` (this rank's share of a mini-batch)."""
@@ -389,20 +389,25 @@ class GRPOStage(Stage):
         torch.distributed.all_reduce(counts, group=self.dp_group)
         counts = counts.tolist()
         self._normalizers = (max(float(counts[0]), 1.0), max(float(counts[1]), 1.0))
-        mbs = self.cfg.optim.micro_batch_size
         with_ref = self.ref is not None and not self.g.loss.kl_in_reward
-        width = self._width(samples) if self.pp > 1 else None  # pipeline stages exchange fixed-shape activations
-        batches = (self._batch(samples[i : i + mbs], with_ref, width) for i in range(0, len(samples), mbs))
-        keys = (*self.report_keys, *CORRECTION_KEYS) if self.g.loss.rollout_correction else self.report_keys
+        plan = self._plan(samples)
+        batches, width = self._microbatches(samples, plan, with_ref)
+        self._scale = len(plan) * self.dp
+        computed = sum(len(mb) * (width or w) for mb, w in zip(plan, self._widths(samples, plan), strict=True))
+        self._layouts.append((len(plan), 1 - sum(len(s) for s in samples) / computed))
+        keys = (*self.report_keys, *(CORRECTION_KEYS if self.g.loss.rollout_correction else ()),
+                *(MTP_KEYS if self.mtp_coef > 0 else ()))  # fmt: skip
         return train_step(
-            trainer, batches, self._forward_step, keys=keys, num_microbatches=self.num_microbatches, seq_length=width
-        )
+            trainer, batches, self._forward_step, keys=keys, num_microbatches=len(plan), seq_length=width,
+            micro_batch_size=self.mbs,
+        )  # fmt: skip
 
     # ---- the step -----------------------------------------------------------------------------------
 
     def train_step(self, trainer: Trainer, step: int) -> dict[str, float]:
         """Rollout, reward, advantages and ``ppo_epochs * mini_batches`` updates; returns the step's metrics."""
         timing = {"rollout_s": 0.0, "reward_s": 0.0, "train_s": 0.0}
+        self._layouts = []
         groups, stats = self._rollout(timing)
         samples = [s for grp in groups for s in grp]
         if self.ref is not None:
@@ -423,6 +428,8 @@ class GRPOStage(Stage):
         timing["train_s"] = time.perf_counter() - t0
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         metrics.update(self._rollout_metrics(groups, stats, timing))
+        counts, padding = zip(*self._layouts, strict=True)  # this rank's updates
+        metrics.update(microbatches=sum(counts) / len(counts), pad_fraction=sum(padding) / len(padding))
         return metrics
 
     def _rollout_metrics(
@@ -442,15 +449,19 @@ class GRPOStage(Stage):
                 stats["zero_variance_groups"],
                 stats["groups_sampled"],
                 sum(len(s.prompt_ids) for s in samples),
+                stats["drafted"],
+                stats["accepted"],
             ],
             dtype=torch.float64,
             device=current_device(),
         )
         torch.distributed.all_reduce(sums, group=self.dp_group)
-        n, r, r2, acc, fmt, tok, cut, zero, sampled, prompt_tok = sums.tolist()
+        n, r, r2, acc, fmt, tok, cut, zero, sampled, prompt_tok, drafted, accepted = sums.tolist()
         self._tokens = int(tok + prompt_tok)
         mean = r / n
+        speculative = {"spec_acceptance": accepted / max(drafted, 1)} if self.g.speculative else {}
         return {
+            **speculative,
             "reward_mean": mean,
             "reward_std": max(r2 / n - mean**2, 0.0) ** 0.5,
             "accuracy": acc / n,

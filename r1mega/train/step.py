@@ -159,10 +159,12 @@ def run_schedule(
     num_microbatches: int,
     forward_only: bool = False,
     seq_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> list[Any]:
     """megatron's forward-backward function over ``chunks`` (no pipelining, 1F1B or interleaved, as the layout
-    says): what the last stage's loss functions returned. ``seq_length``: the width of every micro-batch, which
-    sizes the activations pipeline stages exchange (default ``data.seq_length``)."""
+    says): what the last stage's loss functions returned. ``seq_length`` and ``micro_batch_size``: the width and
+    rows of every micro-batch, which size the activations pipeline stages exchange (default ``data.seq_length``
+    and ``optim.micro_batch_size``)."""
     fb = get_forward_backward_func()
     vpp = len(chunks)
     batches = device_batches(batches)  # host-built micro-batches go to the device, one ahead
@@ -173,7 +175,7 @@ def run_schedule(
         model=list(chunks) if vpp > 1 else chunks[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length or cfg.data.seq_length,
-        micro_batch_size=cfg.optim.micro_batch_size,
+        micro_batch_size=micro_batch_size or cfg.optim.micro_batch_size,
         forward_only=forward_only,
     )
 
@@ -186,6 +188,7 @@ def forward_backward(
     keys: Sequence[str] = ("lm_loss",),
     num_microbatches: int | None = None,
     seq_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> dict[str, float]:
     """Run all micro-batches of one global batch; returns token-mean losses over the whole world."""
     reports = run_schedule(
@@ -196,6 +199,7 @@ def forward_backward(
         num_microbatches or trainer.num_microbatches,
         forward_only=forward_only,
         seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
     )
     return reduce_reports(reports, keys, unwrap(trainer.model[0]).pg_collection.tp)
 
@@ -242,18 +246,26 @@ def train_step(
     keys: Sequence[str] = ("lm_loss",),
     num_microbatches: int | None = None,
     seq_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> dict[str, float]:
     """Zero grads, forward-backward over the global batch, then step unless anything is non-finite.
 
     ``keys`` are the reports the forward step's loss returns; the first is the loss checked for finiteness.
-    ``seq_length``: every micro-batch's width when it is not ``data.seq_length`` (pipeline parallelism).
+    ``seq_length`` / ``micro_batch_size``: every micro-batch's width / rows when they are not ``data.seq_length``
+    / ``optim.micro_batch_size`` (pipeline parallelism).
     """
     for model in trainer.model:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     biases = [(b, b.clone()) for b in trainer.expert_biases]
     metrics = forward_backward(
-        trainer, batches, forward_step, keys=keys, num_microbatches=num_microbatches, seq_length=seq_length
+        trainer,
+        batches,
+        forward_step,
+        keys=keys,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
     )
     loss = metrics.get(keys[0], float("nan"))
     finite = math.isfinite(loss) and grads_finite(trainer)
