@@ -189,21 +189,29 @@ def test_token_budget_microbatches_match_padded_rows(prompts, tmp_path, model):
         assert a["mtp_loss"] > 0 and 0 <= a["mtp_acc"] <= 1
 
 
+PACKED = "grpo.micro_batch_tokens=256"
+MTP = "grpo.mtp_loss_coef=0.3"
 PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (ranks, overrides))
     "pp2": ("qwen2_tiny", (2, ["parallel=pp2"]), (1, [])),
-    "tp2pp2": ("qwen2_tiny", (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2"]), (1, [])),
-    # Two data-parallel replicas sample their own prompts, so the reference is EP2 alone (the same replicas).
-    "pp2ep2": ("dsv3_tiny", (4, ["parallel=pp2", "parallel.expert_model_parallel_size=2"]), (2, ["parallel=ep2"])),
+    # Token-budget micro-batches on both sides: every micro-batch one packed row of the call's one width.
+    "tp2pp2": ("qwen2_tiny", (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED]), (1, [PACKED])),
+    # Two data-parallel replicas sample their own prompts, so the reference is EP2 alone (the same replicas). The
+    # MTP term is on: the MTP block sits on the last stage.
+    "pp2ep2": (
+        "dsv3_tiny",
+        (4, ["parallel=pp2", "parallel.expert_model_parallel_size=2", MTP]),
+        (2, ["parallel=ep2", MTP]),
+    ),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(PIPELINE_LAYOUTS))
 def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout):
-    """One GRPO update under PP=2, TP=2 x PP=2 (fp32) against one process, and PP=2 x EP=2 (MoE+MLA) against
-    EP=2: pipelined rollout gives the same samples, the reference and old-policy log-probabilities go through
-    the pipeline schedule (KL term and truncated IS on), and the loss, KL term and every gradient match within
-    1e-5; the held-out evaluation after it gives the same metrics."""
+    """One GRPO update under PP=2, TP=2 x PP=2 (fp32, packed micro-batches) against one process, and PP=2 x EP=2
+    (MoE+MLA, MTP trained) against EP=2: pipelined rollout gives the same samples, the reference and old-policy
+    log-probabilities go through the pipeline schedule (KL term and truncated IS on), and the loss, KL and MTP
+    terms and every gradient match within 1e-5; the held-out evaluation after it gives the same metrics."""
     model, (ranks, overrides), (ref_ranks, ref_overrides) = PIPELINE_LAYOUTS[layout]
     args = grpo_args(prompts, f"model={model}", "stage.eval_interval=1", "parallel.world_size=null",
                      "optim.train_steps=1", "reward.weights={accuracy: 1.0, language: 1.0}")  # fmt: skip
@@ -217,7 +225,8 @@ def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout):
     assert all(log.startswith("[rc=0]") for log in ref), ref[-1][-3000:]
     logs = run_trainer_ranks(args, tmp_path / layout, ranks, *overrides)
     assert all(log.startswith("[rc=0]") for log in logs), logs[-1][-3000:]
-    worst = _compare_runs(ref[0], logs, 1, ("loss", "pg_loss", "kl_loss", "rollout_is_mean", "grad_norm"))
+    mtp = ("mtp_loss", "mtp_acc") if MTP in overrides else ()
+    worst = _compare_runs(ref[0], logs, 1, ("loss", "pg_loss", "kl_loss", "rollout_is_mean", "grad_norm", *mtp))
     a, b = step_metrics(ref[0], 1), step_metrics(logs[0], 1)  # held-out evaluation through the pipelined engine
     assert {k: v for k, v in a.items() if k.startswith("eval/")} == {
         k: v for k, v in b.items() if k.startswith("eval/")
@@ -269,3 +278,19 @@ def test_what_grpo_under_pipeline_parallelism_refuses(prompts, override, key):
 def test_grpo_validates_under_pipeline_parallelism(prompts):
     cfg = compose_config([*grpo_args(prompts), "parallel=pp2"])
     assert validate(cfg, 2, Accelerator(cuda=False, transformer_engine=False)) == 1
+
+
+def test_mtp_term_and_token_budget_checks(prompts):
+    accel = Accelerator(cuda=False, transformer_engine=False)
+    with pytest.raises(ConfigError) as info:  # qwen2_tiny has no MTP layers
+        validate(compose_config([*grpo_args(prompts), "grpo.mtp_loss_coef=0.1"]), 1, accel)
+    assert info.value.key == "grpo.mtp_loss_coef"
+    six = [*grpo_args(prompts), "grpo.group_size=3"]  # 6 responses a step: not a multiple of micro_batch_size=4
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(six), 1, accel)
+    assert info.value.key == "grpo.mini_batches"
+    assert validate(compose_config([*six, "grpo.micro_batch_tokens=256"]), 1, accel) == 1  # no row count to divide
+    for key, value in (("grpo.micro_batch_tokens", 0), ("grpo.mtp_loss_coef", -1)):
+        with pytest.raises(ConfigError) as info:
+            compose_config([*grpo_args(prompts), f"{key}={value}"])
+        assert info.value.key == key
