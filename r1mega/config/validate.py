@@ -337,7 +337,7 @@ def _validate_grpo(cfg: R1Config, dp: int) -> None:
 
 
 def _validate_grpo_pipeline(cfg: R1Config) -> None:
-    """What GRPO runs under pipeline parallelism: the default rollout loop, rule rewards, no virtual stages."""
+    """What GRPO runs under pipeline parallelism: the default rollout loop, no virtual stages."""
     g, p = cfg.grpo, cfg.parallel
     pp = p.pipeline_model_parallel_size
     if p.vpp > 1:
@@ -350,9 +350,3 @@ def _validate_grpo_pipeline(cfg: R1Config) -> None:
         raise ConfigError("grpo.rollout_batch", g.rollout_batch, f"null with PP={pp} (continuous batching needs PP=1)")
     if g.speculative:
         raise ConfigError("grpo.speculative", g.speculative, f"false with PP={pp} (MTP drafts need PP=1)")
-    if cfg.reward.weights.get("reward_model", 0.0):
-        raise ConfigError(
-            "reward.weights.reward_model",
-            cfg.reward.weights["reward_model"],
-            f"0 with PP={pp} (the reward model scores in-process, on one pipeline stage)",
-        )

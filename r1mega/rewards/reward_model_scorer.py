@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,7 @@ from r1mega.config.schema import ModelConfig, R1Config
 from r1mega.data.preferences import pad_rows, response_ids
 from r1mega.models.reward import RewardModel, build_reward_model
 from r1mega.rewards.registry import RewardInput
+from r1mega.train.step import Batch, run_schedule
 from r1mega.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -35,6 +37,10 @@ class RewardModelScorer:
     rank of a data-parallel replica must call ``score`` with the same samples (they do in GRPO); under
     expert parallelism all ranks must call it equally often (each call makes ``ceil(n / batch_size)``
     forwards).
+
+    Under pipeline parallelism (``pipeline``: the run's config, whose schedule runs the chunks) the scores go
+    through megatron's forward-only pipeline schedule, every micro-batch ``batch_size`` rows of one width (stages
+    exchange fixed shapes), and the last stage broadcasts them to its pipeline group, so every stage returns them.
     """
 
     def __init__(
@@ -45,12 +51,19 @@ class RewardModelScorer:
         batch_size: int = 8,
         max_length: int | None = None,
         multiple_of: int = 1,
+        pipeline: R1Config | None = None,
     ) -> None:
         if len(chunks) != 1:
             raise ConfigError(
-                "parallel.pipeline_model_parallel_size", len(chunks), "1 to score with a reward model in-process"
+                "parallel.virtual_pipeline_model_parallel_size",
+                len(chunks),
+                "null to score with a reward model in-process (one model chunk per rank)",
             )
         self.model = chunks[0].eval().requires_grad_(False)
+        self.pp_group = self.model.pg_collection.pp
+        self.pipeline = pipeline if self.pp_group.size() > 1 else None
+        if self.pp_group.size() > 1 and pipeline is None:
+            raise ValueError("a reward model split into pipeline stages needs the run's config (pipeline=cfg)")
         self.tokenizer, self.prefix, self.batch_size = tokenizer, prefix, batch_size
         self.max_length = max_length or self.model.max_sequence_length
         self.multiple_of = multiple_of
@@ -88,7 +101,7 @@ class RewardModelScorer:
         load_reward_weights(chunks, str(path), require_head=True)
         log.info("reward model %s (%s) loaded for the reward_model reward", path, model.name)
         tp = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-        return cls(chunks, tokenizer, cfg.grpo.prefix, r.reward_model_batch_size, multiple_of=tp)
+        return cls(chunks, tokenizer, cfg.grpo.prefix, r.reward_model_batch_size, multiple_of=tp, pipeline=cfg)
 
     def token_ids(self, sample: RewardInput) -> list[int]:
         """The tokens the model scores for ``sample`` (the most recent ``max_length`` if longer)."""
@@ -99,6 +112,8 @@ class RewardModelScorer:
     def score(self, samples: Sequence[RewardInput]) -> list[float]:
         """Raw reward of each sample (the value at its last token)."""
         rows = [self.token_ids(s) for s in samples]
+        if self.pipeline is not None:
+            return self._score_pipelined(rows)
         device = next(self.model.parameters()).device
         out: list[float] = []
         for i in range(0, len(rows), self.batch_size):
@@ -109,3 +124,29 @@ class RewardModelScorer:
             values = self.model(batch["tokens"], batch["position_ids"], None)  # (b, s)
             out += values[torch.arange(len(values), device=device), batch["last"]].tolist()
         return out
+
+    def _score_pipelined(self, rows: list[list[int]]) -> list[float]:
+        """``score`` through the forward-only pipeline schedule; the last stage's values, broadcast."""
+        width = -(-max(map(len, rows)) // self.multiple_of) * self.multiple_of  # one width for every micro-batch
+        size = self.batch_size
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        batches = [pad_rows(c + [[self.pad_id]] * (size - len(c)), self.pad_id, width) for c in chunks]
+        values: list[torch.Tensor] = []
+
+        def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+            b = next(data_iterator)
+            return model(b["tokens"], b["position_ids"], None), partial(collect, b)  # (b, s) on the last stage
+
+        def collect(b: Batch, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+            values.append(out[torch.arange(len(out), device=out.device), b["last"]].float())
+            return out.new_zeros(()), torch.ones((), dtype=torch.int), {}
+
+        run_schedule(
+            self.pipeline, [self.model], iter(batches), forward_step, len(batches), forward_only=True,
+            seq_length=width, micro_batch_size=size,
+        )  # fmt: skip
+        device = next(self.model.parameters()).device
+        flat = torch.cat(values) if values else torch.empty(len(batches) * size, device=device)
+        last = torch.distributed.get_global_rank(self.pp_group, self.pp_group.size() - 1)
+        torch.distributed.broadcast(flat, src=last, group=self.pp_group)
+        return flat[: len(rows)].tolist()

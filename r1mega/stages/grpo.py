@@ -9,6 +9,9 @@ gives the KL term when ``grpo.loss.kl_coef > 0``; otherwise none is built. All R
 
 Data-parallel ranks sample their own prompts; losses are normalised over the whole rollout batch (global
 token / sequence counts), so the update does not depend on how it is split into micro-batches and ranks.
+Micro-batches are padded rows or, with ``grpo.micro_batch_tokens``, responses packed to a token budget
+(``r1mega.stages.grpo_batches``). With ``grpo.mtp_loss_coef > 0`` the update also trains the model's MTP module
+on the policy's own responses (``r1mega.rl.mtp``), so MTP speculative decoding keeps its acceptance.
 
 Under pipeline parallelism every stage of a pipeline holds the same rollout (the engine broadcasts the last
 stage's tokens), so every stage builds the same micro-batches and scores the same rewards; the updates and

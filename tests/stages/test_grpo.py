@@ -15,6 +15,7 @@ from r1mega.config.errors import ConfigError
 from r1mega.config.load import compose_config
 from r1mega.config.validate import Accelerator, validate
 from r1mega.data.coldstart import write_cold_start
+from r1mega.data.preferences import write_preferences
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,20 @@ def prompts(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grpo_data")
     write_cold_start(str(out), num_train=60, num_eval=8, seed=5, tokenizer_out=str(out / "tokenizer"))
     return out
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(prompts, tmp_path_factory) -> Path:
+    """A reward model (2 Bradley-Terry steps on pairs made from the cold-start set) with the policy's tokenizer."""
+    out = tmp_path_factory.mktemp("reward_model")
+    write_preferences(str(prompts), str(out), num_train=0, num_eval=0, seed=0)
+    args = ["stage=reward_model", "model=qwen2_tiny", "data=preferences", f"data.train_path={out / 'train.jsonl'}",
+            f"data.eval_path={out / 'eval.jsonl'}", "stage.eval_interval=0",
+            f"data.tokenizer={prompts / 'tokenizer'}", "data.seq_length=384", "optim.micro_batch_size=4",
+            "optim.global_batch_size=8", "optim.lr_warmup_steps=0", "optim.train_steps=2", "logging.progress_bar=false"]  # fmt: skip
+    run = run_trainer(args, out / "run")
+    assert run.returncode == 0, run.stdout[-3000:]
+    return out / "run" / "checkpoints"
 
 
 def grpo_args(data: Path, *extra: str) -> list[str]:
@@ -192,6 +207,7 @@ def test_token_budget_microbatches_match_padded_rows(prompts, tmp_path, model):
 PACKED = "grpo.micro_batch_tokens=256"
 MTP = "grpo.mtp_loss_coef=0.3"
 PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (ranks, overrides))
+    # The reward model's score is part of the reward (reward_checkpoint): split into the same two stages.
     "pp2": ("qwen2_tiny", (2, ["parallel=pp2"]), (1, [])),
     # Token-budget micro-batches on both sides: every micro-batch one packed row of the call's one width.
     "tp2pp2": ("qwen2_tiny", (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED]), (1, [PACKED])),
@@ -207,8 +223,9 @@ PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (r
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(PIPELINE_LAYOUTS))
-def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout):
-    """One GRPO update under PP=2, TP=2 x PP=2 (fp32, packed micro-batches) against one process, and PP=2 x EP=2
+def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout, request):
+    """One GRPO update under PP=2 (with a reward model's score in the reward), TP=2 x PP=2 (fp32, packed
+    micro-batches) against one process, and PP=2 x EP=2
     (MoE+MLA, MTP trained) against EP=2: pipelined rollout gives the same samples, the reference and old-policy
     log-probabilities go through the pipeline schedule (KL term and truncated IS on), and the loss, KL and MTP
     terms and every gradient match within 1e-5; the held-out evaluation after it gives the same metrics."""
@@ -221,10 +238,15 @@ def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout):
     assert init.returncode == 0, init.stdout[-3000:]
     args += [f"checkpoint.load={tmp_path / 'init' / 'checkpoints' / 'step_00000001'}", "grpo.loss.kl_coef=0.01",
              "grpo.loss.rollout_correction=tis"]  # fmt: skip
+    if layout == "pp2":
+        args += ["reward=preference", f"reward.reward_model_path={request.getfixturevalue('reward_checkpoint')}",
+                 "reward.weights={accuracy: 1.0, language: 1.0, reward_model: 1.0}"]  # fmt: skip
     ref = run_trainer_ranks(args, tmp_path / "ref", ref_ranks, *ref_overrides)
     assert all(log.startswith("[rc=0]") for log in ref), ref[-1][-3000:]
     logs = run_trainer_ranks(args, tmp_path / layout, ranks, *overrides)
     assert all(log.startswith("[rc=0]") for log in logs), logs[-1][-3000:]
+    if layout == "pp2":  # both stages built their part of the reward model and scored every rollout with it
+        assert all("loaded for the reward_model reward" in log for log in logs)
     mtp = ("mtp_loss", "mtp_acc") if MTP in overrides else ()
     worst = _compare_runs(ref[0], logs, 1, ("loss", "pg_loss", "kl_loss", "rollout_is_mean", "grad_norm", *mtp))
     a, b = step_metrics(ref[0], 1), step_metrics(logs[0], 1)  # held-out evaluation through the pipelined engine
@@ -265,7 +287,6 @@ def test_pipeline_parallel_grpo_resumes_bit_identically(prompts, tmp_path):
         ("parallel.virtual_pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size"),
         ("grpo.rollout_batch=4", "grpo.rollout_batch"),
         ("grpo.speculative=true", "grpo.speculative"),
-        ("reward=preference", "reward.weights.reward_model"),
     ],
 )
 def test_what_grpo_under_pipeline_parallelism_refuses(prompts, override, key):
