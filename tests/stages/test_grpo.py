@@ -245,8 +245,8 @@ def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout, r
     assert all(log.startswith("[rc=0]") for log in ref), ref[-1][-3000:]
     logs = run_trainer_ranks(args, tmp_path / layout, ranks, *overrides)
     assert all(log.startswith("[rc=0]") for log in logs), logs[-1][-3000:]
-    if layout == "pp2":  # both stages built their part of the reward model and scored every rollout with it
-        assert all("loaded for the reward_model reward" in log for log in logs)
+    if layout == "pp2":  # the reward model was built in the pipeline layout and scored every rollout
+        assert "loaded for the reward_model reward" in logs[0]
     mtp = ("mtp_loss", "mtp_acc") if MTP in overrides else ()
     worst = _compare_runs(ref[0], logs, 1, ("loss", "pg_loss", "kl_loss", "rollout_is_mean", "grad_norm", *mtp))
     a, b = step_metrics(ref[0], 1), step_metrics(logs[0], 1)  # held-out evaluation through the pipelined engine
