@@ -10,7 +10,7 @@ gives the KL term when ``grpo.loss.kl_coef > 0``; otherwise none is built. All R
 Data-parallel ranks sample their own prompts; losses are normalised over the whole rollout batch (global
 token / sequence counts), so the update does not depend on how it is split into micro-batches and ranks.
 Micro-batches are padded rows or, with ``grpo.micro_batch_tokens``, responses packed to a token budget
-(``r1mega.stages.grpo_batches``). With ``grpo.mtp_loss_coef > 0`` the update also trains the model's MTP module
+(``r1mega.stages.grpo_data``). With ``grpo.mtp_loss_coef > 0`` the update also trains the model's MTP module
 on the policy's own responses (``r1mega.rl.mtp``), so MTP speculative decoding keeps its acceptance.
 
 Under pipeline parallelism every stage of a pipeline holds the same rollout (the engine broadcasts the last
@@ -47,7 +47,7 @@ from r1mega.rl.logits import mask_padded_vocab
 from r1mega.rl.mtp import mtp_cross_entropy
 from r1mega.rollout import RolloutEngine, SamplingParams
 from r1mega.stages.base import Stage
-from r1mega.stages.grpo_batches import (
+from r1mega.stages.grpo_data import (
     Batch,
     Plan,
     Sample,
@@ -56,6 +56,7 @@ from r1mega.stages.grpo_batches import (
     plan_packed,
     plan_padded,
     response_values,
+    rollout_metrics,
     round_up,
 )
 from r1mega.train.step import Trainer, run_schedule, train_step
@@ -430,52 +431,15 @@ class GRPOStage(Stage):
                 updates.append(self._update(trainer, chunk))
         timing["train_s"] = time.perf_counter() - t0
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-        metrics.update(self._rollout_metrics(groups, stats, timing))
+        rollout, self._tokens = rollout_metrics(
+            [s for grp in groups for s in grp], stats, timing, self.dp_group, self.g.updates_per_step
+        )
+        metrics.update(rollout)
+        if self.g.speculative:
+            metrics["spec_acceptance"] = stats["accepted"] / max(stats["drafted"], 1)  # this rank's MTP drafts
         counts, padding = zip(*self._layouts, strict=True)  # this rank's updates
         metrics.update(microbatches=sum(counts) / len(counts), pad_fraction=sum(padding) / len(padding))
         return metrics
-
-    def _rollout_metrics(
-        self, groups: list[list[Sample]], stats: dict[str, float], timing: dict[str, float]
-    ) -> dict[str, float]:
-        samples = [s for grp in groups for s in grp]
-        lengths = [len(s.completion.token_ids) for s in samples]
-        sums = torch.tensor(
-            [
-                len(samples),
-                sum(s.reward for s in samples),
-                sum(s.reward**2 for s in samples),
-                sum(s.values.get("accuracy", 0.0) for s in samples),
-                sum(s.values.get("format", 0.0) for s in samples),
-                sum(lengths),
-                sum(s.completion.finish_reason == "length" for s in samples),
-                stats["zero_variance_groups"],
-                stats["groups_sampled"],
-                sum(len(s.prompt_ids) for s in samples),
-                stats["drafted"],
-                stats["accepted"],
-            ],
-            dtype=torch.float64,
-            device=current_device(),
-        )
-        torch.distributed.all_reduce(sums, group=self.dp_group)
-        n, r, r2, acc, fmt, tok, cut, zero, sampled, prompt_tok, drafted, accepted = sums.tolist()
-        self._tokens = int(tok + prompt_tok)
-        mean = r / n
-        speculative = {"spec_acceptance": accepted / max(drafted, 1)} if self.g.speculative else {}
-        return {
-            **speculative,
-            "reward_mean": mean,
-            "reward_std": max(r2 / n - mean**2, 0.0) ** 0.5,
-            "accuracy": acc / n,
-            "format_rate": fmt / n,
-            "response_length": tok / n,
-            "clipped_rate": cut / n,
-            "zero_variance_groups": zero / max(sampled, 1),
-            "rollout_tokens_per_s": tok / max(timing["rollout_s"], 1e-9),
-            "train_tokens_per_s": self.g.updates_per_step * (tok + prompt_tok) / max(timing["train_s"], 1e-9),
-            **timing,
-        }
 
     # ---- the rest of the Stage contract --------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""GRPO's micro-batches: prompt + response rows, one response per row (padded) or several (packed to a token budget).
+"""GRPO's per-step data: the samples, their micro-batches, and the rollout's statistics.
 
+Micro-batches are prompt + response rows, one response per row (padded) or several (packed to a token budget).
 Two layouts, one contract:
 
 - **padded** (``grpo.micro_batch_tokens=null``): ``optim.micro_batch_size`` responses per micro-batch, one per
@@ -25,6 +26,7 @@ import torch
 from r1mega.data.prompts import Prompt
 from r1mega.data.sft import document_attention_mask
 from r1mega.rollout import Completion
+from r1mega.utils.device import current_device
 
 Batch = dict[str, torch.Tensor]
 Plan = list[list[list[int]]]
@@ -160,3 +162,50 @@ def padded_columns(*columns: Sequence[Sequence[float]]) -> tuple[torch.Tensor, .
     for i, row in enumerate(columns[0]):
         mask[i, : len(row)] = True
     return (*out, mask)
+
+
+def rollout_metrics(
+    samples: Sequence[Sample],
+    stats: dict[str, float],
+    timing: dict[str, float],
+    dp_group: torch.distributed.ProcessGroup,
+    updates_per_step: int,
+) -> tuple[dict[str, float], int]:
+    """The step's rollout metrics over the data-parallel group (one all-reduce) and its prompt + response tokens.
+
+    ``stats``: ``zero_variance_groups`` and ``groups_sampled`` of this rank's sampling rounds; ``timing``: the
+    step's ``rollout_s``, ``reward_s`` and ``train_s`` (reported as they are).
+    """
+    lengths = [len(s.completion.token_ids) for s in samples]
+    sums = torch.tensor(
+        [
+            len(samples),
+            sum(s.reward for s in samples),
+            sum(s.reward**2 for s in samples),
+            sum(s.values.get("accuracy", 0.0) for s in samples),
+            sum(s.values.get("format", 0.0) for s in samples),
+            sum(lengths),
+            sum(s.completion.finish_reason == "length" for s in samples),
+            stats["zero_variance_groups"],
+            stats["groups_sampled"],
+            sum(len(s.prompt_ids) for s in samples),
+        ],
+        dtype=torch.float64,
+        device=current_device(),
+    )
+    torch.distributed.all_reduce(sums, group=dp_group)
+    n, r, r2, acc, fmt, tok, cut, zero, sampled, prompt_tok = sums.tolist()
+    mean = r / n
+    metrics = {
+        "reward_mean": mean,
+        "reward_std": max(r2 / n - mean**2, 0.0) ** 0.5,
+        "accuracy": acc / n,
+        "format_rate": fmt / n,
+        "response_length": tok / n,
+        "clipped_rate": cut / n,
+        "zero_variance_groups": zero / max(sampled, 1),
+        "rollout_tokens_per_s": tok / max(timing["rollout_s"], 1e-9),
+        "train_tokens_per_s": updates_per_step * (tok + prompt_tok) / max(timing["train_s"], 1e-9),
+        **timing,
+    }
+    return metrics, int(tok + prompt_tok)

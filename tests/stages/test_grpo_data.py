@@ -8,7 +8,7 @@ import torch
 
 from r1mega.data.prompts import Prompt
 from r1mega.rollout import Completion
-from r1mega.stages.grpo_batches import (
+from r1mega.stages.grpo_data import (
     Sample,
     make_batch,
     padded_columns,
