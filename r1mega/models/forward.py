@@ -74,16 +74,21 @@ def forward_logits_mtp(
     attention_mask: Tensor | None,
     labels: Tensor,
     gather: bool = True,
+    train_trunk: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
     """Main-head logits ``(b, s, V)`` and each MTP depth's logits ``[(b, s, V)] * mtp_num_layers`` from one
-    forward with the MTP block on; differentiable (gradients reach the MTP block and, through its input, the trunk).
+    forward with the MTP block on; differentiable (gradients reach the MTP block and, unless ``train_trunk`` is
+    False, through its input the decoder).
 
     Depth ``k``'s logits at position ``t`` predict ``labels[t + k]``. megatron puts its own MTP loss into the
     graph (scaled by ``mtp_loss_scaling_factor``); the factor is 0 for the call, so the caller's loss on the
     returned logits is the only MTP term. The logits are read from the output layer, which megatron calls once
     per MTP depth and then once for the main head (megatron's own losses get a copy: its cross entropy works in
-    place). A pipeline stage other than the last returns its hidden
-    states and no MTP logits.
+    place). A pipeline stage other than the last returns its hidden states and no MTP logits.
+
+    ``train_trunk=False`` detaches the decoder's output where the first MTP layer takes it, so a loss on the MTP
+    logits trains the MTP block (and the embedding and output layer it shares with the main model) but sends no
+    gradient into the decoder layers; the main head's logits and their gradients are unchanged.
     """
     device = next(model.parameters()).device
     input_ids, position_ids, labels = (t.to(device, non_blocking=True) for t in (input_ids, position_ids, labels))
@@ -94,20 +99,25 @@ def forward_logits_mtp(
         raise ValueError("forward_logits_mtp needs a model with MTP layers (model.mtp_num_layers >= 1)")
     _fit_moe_tracker(inner.config)
     captured: list[Tensor] = []
-    hook = None
 
     def keep(_module: torch.nn.Module, _args: Any, out: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
         captured.append(out[0])
         return out[0].clone(), out[1]  # megatron's cross entropy shifts its input in place: give it a copy
 
+    def detach(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+    hooks = []
     if inner.post_process:
-        hook = inner.output_layer.register_forward_hook(keep)
+        hooks.append(inner.output_layer.register_forward_hook(keep))
+    if not train_trunk and getattr(inner, "mtp", None) is not None:
+        hooks.append(inner.mtp.layers[0].register_forward_pre_hook(detach, with_kwargs=True))
     scale, inner.config.mtp_loss_scaling_factor = inner.config.mtp_loss_scaling_factor, 0.0
     try:
         out = model(input_ids, position_ids, attention_mask, labels=labels)
     finally:
         inner.config.mtp_loss_scaling_factor = scale
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     if not inner.post_process:
         return out, []

@@ -337,7 +337,8 @@ class GRPOStage(Stage):
         batch = next(data_iterator)
         args = (model, batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         if self.mtp_coef > 0:  # (b, s, V) and one (b, s, V) per MTP depth
-            logits, heads = forward_logits_mtp(*args, labels=batch["labels"])
+            # The MTP term follows the policy without steering it: no MTP gradient into the decoder layers.
+            logits, heads = forward_logits_mtp(*args, labels=batch["labels"], train_trunk=False)
         else:
             logits, heads = forward_logits(*args), []
         return logits, partial(self._loss, batch, heads)

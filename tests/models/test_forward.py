@@ -1,5 +1,6 @@
-"""The logits forwards on real megatron-core: ``forward_logits_mtp`` returns the main head's logits unchanged, and
-the MTP term built on its MTP logits has megatron's own MTP loss and gradients (dsv3_tiny, fp32, one process)."""
+"""The logits forwards on real megatron-core: ``forward_logits_mtp`` returns the main head's logits unchanged, the
+MTP term built on its MTP logits has megatron's own MTP loss and gradients, and with ``train_trunk=False`` the same
+gradients on the MTP block and none on the decoder layers (dsv3_tiny, fp32, one process)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def test_mtp_logits_give_megatrons_mtp_loss_and_gradients() -> None:
         total, _, count = mtp_cross_entropy(heads, labels, loss_mask)
         (total / count).backward()
         ours = _grads(model)
+        main_only, heads = forward_logits_mtp(model, tokens, positions, None, labels, train_trunk=False)
+        total, _, count = mtp_cross_entropy(heads, labels, loss_mask)
+        (total / count).backward()
+        follower = _grads(model)  # the MTP term that trains MTP without steering the decoder (GRPO's)
+        torch.testing.assert_close(main_only, plain, rtol=0, atol=0)
 
         # megatron's definition: its MTP loss (scaling factor 1, one depth) reaches the weights through the main
         # output; the main loss itself is multiplied by 0.
@@ -59,3 +65,7 @@ def test_mtp_logits_give_megatrons_mtp_loss_and_gradients() -> None:
     assert ours.keys() >= set(mtp_params) | set(trunk_params)
     for name, grad in reference.items():
         torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # train_trunk=False: the same gradients on the MTP block and the output layer, none on the decoder layers
+    for name in [*mtp_params, "output_layer.weight"]:
+        torch.testing.assert_close(follower[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(name not in follower or follower[name].abs().sum() == 0 for name in trunk_params)
