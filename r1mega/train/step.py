@@ -9,6 +9,7 @@ parallel norm grads, and the aux-loss-free expert-bias update).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -167,8 +168,14 @@ def run_schedule(
     and ``optim.micro_batch_size``)."""
     fb = get_forward_backward_func()
     vpp = len(chunks)
-    batches = device_batches(batches)  # host-built micro-batches go to the device, one ahead
-    iterator: Any = [batches] * vpp if vpp > 1 else batches
+    if vpp > 1:
+        # The interleaved schedule takes one data iterator per model chunk and draws micro-batch k from chunk c's
+        # iterator when chunk c runs micro-batch k (megatron's training builds one iterator per chunk over the
+        # same data): each chunk needs its own pass over the same micro-batches, not a share of one stream.
+        items = list(itertools.islice(batches, num_microbatches))  # the step's micro-batches (streams may not end)
+        iterator: Any = [device_batches(items) for _ in range(vpp)]
+    else:
+        iterator = device_batches(batches)  # host-built micro-batches go to the device, one ahead
     return fb(
         forward_step_func=forward_step,
         data_iterator=iterator,

@@ -1,4 +1,5 @@
-"""TP=2, PP=2 and EP=2 over two gloo processes give the single-process loss and gradients (MoE + MLA + MTP)."""
+"""TP=2, PP=2 (also with two virtual stages per rank: megatron's interleaved schedule) and EP=2 over two gloo
+processes give the single-process loss and gradients (MoE + MLA + MTP)."""
 
 import json
 import os
@@ -21,11 +22,20 @@ def reference(tmp_path_factory):
         return out, json.load(f)
 
 
+LAYOUTS = {
+    "tp2": ["tp2"],
+    "pp2": ["pp2"],
+    # 4 layers as 4 virtual stages over 2 ranks, 2 micro-batches: each chunk must see every micro-batch in order
+    "pp2vpp2": ["pp2", "parallel.virtual_pipeline_model_parallel_size=2"],
+    "ep2": ["ep2"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     out, ref = reference
-    run_ranks(WORKER, ["parallel", out, layout], world_size=2)
+    run_ranks(WORKER, ["parallel", out, *LAYOUTS[layout]], world_size=2)
     with open(os.path.join(out, "parallel.json")) as f:
         par = json.load(f)
     assert abs(par["lm_loss"] - ref["lm_loss"]) < LOSS_TOL, (layout, par, ref)
