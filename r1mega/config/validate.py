@@ -337,15 +337,9 @@ def _validate_grpo(cfg: R1Config, dp: int) -> None:
 
 
 def _validate_grpo_pipeline(cfg: R1Config) -> None:
-    """What GRPO runs under pipeline parallelism: the default rollout loop, no virtual stages."""
+    """What GRPO runs under pipeline parallelism: the default rollout loop (virtual stages included)."""
     g, p = cfg.grpo, cfg.parallel
     pp = p.pipeline_model_parallel_size
-    if p.vpp > 1:
-        raise ConfigError(
-            "parallel.virtual_pipeline_model_parallel_size",
-            p.virtual_pipeline_model_parallel_size,
-            f"null for stage.name=grpo with PP={pp} (GRPO's updates are tested with plain pipeline stages)",
-        )
     if g.rollout_batch is not None:
         raise ConfigError("grpo.rollout_batch", g.rollout_batch, f"null with PP={pp} (continuous batching needs PP=1)")
     if g.speculative:

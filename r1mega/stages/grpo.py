@@ -236,13 +236,19 @@ class GRPOStage(Stage):
 
     def _plan(self, samples: Sequence[Sample]) -> Plan:
         """Micro-batches of ``samples``, as many on every rank: MoE layers exchange tokens in every forward and the
-        loss shares assume it, so a rank whose responses pack into fewer rows runs empty micro-batches."""
+        loss shares assume it, so a rank whose responses pack into fewer rows runs empty micro-batches. With virtual
+        pipeline stages the count is a multiple of PP (megatron's interleaved schedule runs groups of PP)."""
         if not self.budget:
-            return plan_padded(len(samples), self.mbs)
-        plan = plan_packed([len(s) for s in samples], self.budget)
-        count = torch.tensor([len(plan)], device=current_device())
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        return plan + [[[]] for _ in range(int(count.item()) - len(plan))]
+            plan = plan_padded(len(samples), self.mbs)
+            count = len(plan)
+        else:
+            plan = plan_packed([len(s) for s in samples], self.budget)
+            most = torch.tensor([len(plan)], device=current_device())
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            count = int(most.item())
+        if self.cfg.parallel.vpp > 1:
+            count = round_up(count, self.pp)
+        return plan + [[[] for _ in range(self.mbs)] for _ in range(count - len(plan))]
 
     def _microbatches(
         self, samples: Sequence[Sample], plan: Plan, with_ref: bool

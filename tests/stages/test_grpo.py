@@ -205,6 +205,8 @@ PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (r
     "pp2": ("qwen2_tiny", (2, ["parallel=pp2"]), (1, [])),
     # Token-budget micro-batches on both sides: every micro-batch one packed row of the call's one width.
     "tp2pp2": ("qwen2_tiny", (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED]), (1, [PACKED])),
+    # Megatron's interleaved schedule: 4 layers as 4 virtual stages over 2 ranks (MoE + MLA, KL reference).
+    "pp2vpp2": ("dsv3_tiny", (2, ["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2"]), (1, [])),
     # Two data-parallel replicas sample their own prompts, so the reference is EP2 alone (the same replicas). The
     # MTP term is on: the MTP block sits on the last stage.
     "pp2ep2": (
@@ -278,7 +280,6 @@ def test_pipeline_parallel_grpo_resumes_bit_identically(prompts, tmp_path):
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("parallel.virtual_pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size"),
         ("grpo.rollout_batch=4", "grpo.rollout_batch"),
         ("grpo.speculative=true", "grpo.speculative"),
     ],
