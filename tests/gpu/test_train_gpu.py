@@ -102,6 +102,34 @@ def test_grpo_step_on_the_gpu_is_on_policy(cold_start: Path, tmp_path: Path) -> 
     assert "eval/pass@1" in step_metrics(out.stdout, 2)
 
 
+def test_packed_grpo_with_the_mtp_term_on_the_gpu(cold_start: Path, tmp_path: Path) -> None:
+    """Token-budget micro-batches (dense per-response mask in the local attention) and the MTP term on CUDA, MoE +
+    MLA, fp32: still on-policy, and the MTP metrics are logged."""
+    args = [
+        "stage=grpo",
+        "model=dsv3_tiny",
+        "data=cold_start",
+        f"data.train_path={cold_start / 'train.jsonl'}",
+        f"data.eval_path={cold_start / 'eval_prompts.jsonl'}",
+        f"data.tokenizer={cold_start / 'tokenizer'}",
+        "grpo.prompts_per_step=2",
+        "grpo.group_size=4",
+        "grpo.max_new_tokens=16",
+        "grpo.loss.kl_coef=0",
+        "grpo.micro_batch_tokens=256",
+        "grpo.mtp_loss_coef=0.3",
+        "reward.num_workers=2",
+        "optim.train_steps=1",
+        "stage.eval_interval=0",
+        *QUICK,
+    ]
+    out = run_trainer(args, tmp_path / "run")
+    assert out.returncode == 0, out.stdout[-4000:]
+    first = step_metrics(out.stdout, 1)
+    assert abs(first["ppo_kl"]) < 1e-4 and first["pad_fraction"] == 0, first
+    assert first["mtp_loss"] > 0 and 0 <= first["mtp_acc"] <= 1
+
+
 RESUME = [*BF16_LOCAL, *QUICK, "deterministic=true", "optim.train_steps=6", "checkpoint.save_interval=2",
           "data.seq_length=64"]  # fmt: skip
 
