@@ -72,10 +72,10 @@ def test_sft_with_packing_on_the_gpu(cold_start: Path, tmp_path: Path) -> None:
     assert losses(out.stdout, "eval_loss"), "held-out loss missing"
 
 
-def test_grpo_step_on_the_gpu_is_on_policy(cold_start: Path, tmp_path: Path) -> None:
-    args = [
+def grpo_args(cold_start: Path, *extra: str) -> list[str]:
+    """A GRPO run of 2 prompts x 4 responses of 16 tokens on the cold-start set, fp32."""
+    return [
         "stage=grpo",
-        "model=qwen2_tiny",
         "data=cold_start",
         f"data.train_path={cold_start / 'train.jsonl'}",
         f"data.eval_path={cold_start / 'eval_prompts.jsonl'}",
@@ -83,15 +83,15 @@ def test_grpo_step_on_the_gpu_is_on_policy(cold_start: Path, tmp_path: Path) -> 
         "grpo.prompts_per_step=2",
         "grpo.group_size=4",
         "grpo.max_new_tokens=16",
-        "grpo.eval_samples=2",
-        "grpo.eval_prompts=4",
-        "grpo.loss.kl_coef=0.1",
         "reward.num_workers=2",
-        "optim.micro_batch_size=4",
-        "optim.train_steps=2",
-        "stage.eval_interval=2",
         *QUICK,
+        *extra,
     ]
+
+
+def test_grpo_step_on_the_gpu_is_on_policy(cold_start: Path, tmp_path: Path) -> None:
+    args = grpo_args(cold_start, "model=qwen2_tiny", "grpo.eval_samples=2", "grpo.eval_prompts=4", "grpo.loss.kl_coef=0.1",
+                     "optim.micro_batch_size=4", "optim.train_steps=2", "stage.eval_interval=2")  # fmt: skip
     out = run_trainer(args, tmp_path / "run")
     assert out.returncode == 0, out.stdout[-4000:]
     first = step_metrics(out.stdout, 1)
@@ -105,24 +105,8 @@ def test_grpo_step_on_the_gpu_is_on_policy(cold_start: Path, tmp_path: Path) -> 
 def test_packed_grpo_with_the_mtp_term_on_the_gpu(cold_start: Path, tmp_path: Path) -> None:
     """Token-budget micro-batches (dense per-response mask in the local attention) and the MTP term on CUDA, MoE +
     MLA, fp32: still on-policy, and the MTP metrics are logged."""
-    args = [
-        "stage=grpo",
-        "model=dsv3_tiny",
-        "data=cold_start",
-        f"data.train_path={cold_start / 'train.jsonl'}",
-        f"data.eval_path={cold_start / 'eval_prompts.jsonl'}",
-        f"data.tokenizer={cold_start / 'tokenizer'}",
-        "grpo.prompts_per_step=2",
-        "grpo.group_size=4",
-        "grpo.max_new_tokens=16",
-        "grpo.loss.kl_coef=0",
-        "grpo.micro_batch_tokens=256",
-        "grpo.mtp_loss_coef=0.3",
-        "reward.num_workers=2",
-        "optim.train_steps=1",
-        "stage.eval_interval=0",
-        *QUICK,
-    ]
+    args = grpo_args(cold_start, "model=dsv3_tiny", "grpo.loss.kl_coef=0", "grpo.micro_batch_tokens=256",
+                     "grpo.mtp_loss_coef=0.3", "optim.train_steps=1", "stage.eval_interval=0")  # fmt: skip
     out = run_trainer(args, tmp_path / "run")
     assert out.returncode == 0, out.stdout[-4000:]
     first = step_metrics(out.stdout, 1)
