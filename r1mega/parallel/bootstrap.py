@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import detect_accelerator, validate
+from r1mega.utils.device import BF16_CPU_FLAGS, cpu_has_native_bf16
 from r1mega.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -202,6 +203,12 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
         device,
         backend,
     )
+    if device.type == "cpu" and cfg.precision.dtype == "bf16" and not cpu_has_native_bf16():
+        log.warning(
+            "precision=bf16 on a CPU without native bf16 (no %s in /proc/cpuinfo): torch emulates bf16 matrix "
+            "products, several times slower than fp32 here; precision=fp32 is the faster choice on this machine",
+            " or ".join(BF16_CPU_FLAGS),
+        )
     return ParallelContext(launch=launch, data_parallel_size=dp, device=device, groups=groups)
 
 

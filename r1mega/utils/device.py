@@ -12,6 +12,7 @@ for the copy and the copy is ordered before the kernels that read it on the same
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,3 +59,21 @@ def device_batches(batches: Iterable[Any], device: torch.device | None = None) -
         current, ahead = ahead, to_device(batch, device)
         yield current
     yield ahead
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""``/proc/cpuinfo`` flags of CPUs that compute bf16 matrix products natively."""
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without, torch emulates bf16 matmuls, several
+    times slower than fp32. ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None); True when unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = {
+        flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()
+    }
+    return bool(flags & set(BF16_CPU_FLAGS))
