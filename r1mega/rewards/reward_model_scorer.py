@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +19,7 @@ from r1mega.config.schema import ModelConfig, R1Config
 from r1mega.data.preferences import pad_rows, response_ids
 from r1mega.models.reward import RewardModel, build_reward_model
 from r1mega.rewards.registry import RewardInput
-from r1mega.train.step import Batch, run_schedule
+from r1mega.train.step import pipeline_forward_values
 from r1mega.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -131,22 +130,10 @@ class RewardModelScorer:
         size = self.batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         batches = [pad_rows(c + [[self.pad_id]] * (size - len(c)), self.pad_id, width) for c in chunks]
-        values: list[torch.Tensor] = []
-
-        def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-            b = next(data_iterator)
-            return model(b["tokens"], b["position_ids"], None), partial(collect, b)  # (b, s) on the last stage
-
-        def collect(b: Batch, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-            values.append(out[torch.arange(len(out), device=out.device), b["last"]].float())
-            return out.new_zeros(()), torch.ones((), dtype=torch.int), {}
-
-        run_schedule(
-            self.pipeline, [self.model], iter(batches), forward_step, len(batches), forward_only=True,
-            seq_length=width, micro_batch_size=size,
+        flat = pipeline_forward_values(
+            self.pipeline, [self.model], iter(batches),
+            lambda model, b: model(b["tokens"], b["position_ids"], None),  # (b, s) values on the last stage
+            lambda b, out: out[torch.arange(len(out), device=out.device), b["last"]],
+            len(batches), len(batches) * size, width, size,
         )  # fmt: skip
-        device = next(self.model.parameters()).device
-        flat = torch.cat(values) if values else torch.empty(len(batches) * size, device=device)
-        last = torch.distributed.get_global_rank(self.pp_group, self.pp_group.size() - 1)
-        torch.distributed.broadcast(flat, src=last, group=self.pp_group)
         return flat[: len(rows)].tolist()

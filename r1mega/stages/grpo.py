@@ -59,7 +59,7 @@ from r1mega.stages.grpo_data import (
     rollout_metrics,
     round_up,
 )
-from r1mega.train.step import Trainer, run_schedule, train_step
+from r1mega.train.step import Trainer, pipeline_forward_values, train_step
 from r1mega.utils.device import current_device, to_device
 from r1mega.utils.logging import get_logger
 
@@ -89,7 +89,6 @@ class GRPOStage(Stage):
         self.dp, self.dp_rank, self.dp_group = ctx.data_parallel_size, ctx.dp_rank, ctx.groups.dp
         self.tp = ctx.tp_size
         self.pp = cfg.parallel.pipeline_model_parallel_size
-        self.pp_group = ctx.groups.pp
         if g.prompts_per_step % self.dp:
             raise ConfigError(
                 "grpo.prompts_per_step", g.prompts_per_step, f"a multiple of the data-parallel size {self.dp}"
@@ -283,13 +282,22 @@ class GRPOStage(Stage):
         with torch.no_grad():
             if self.pp > 1:
                 total = sum(len(s.completion.token_ids) for s in samples)
-                flat = self._pipeline_logprobs(chunks, batches, len(plan), width, total)
+                flat = pipeline_forward_values(
+                    self.cfg,
+                    chunks,
+                    batches,
+                    self._logits_of,
+                    self._response_logprobs,
+                    len(plan),
+                    total,
+                    width,
+                    self.mbs,
+                )  # fmt: skip (the last stage computes them and broadcasts them to its pipeline group)
             else:
                 parts = []  # on the device until one read at the end
                 for b in batches:
                     b = to_device(b)
-                    logits = forward_logits(chunks[0], b["tokens"], b["position_ids"], b.get("attention_mask"))
-                    parts.append(self._response_logprobs(b, logits))
+                    parts.append(self._response_logprobs(b, self._logits_of(chunks[0], b)))
                 flat = torch.cat(parts)
         values = flat.tolist()
         out: list[list[float]] = [[] for _ in samples]
@@ -300,6 +308,10 @@ class GRPOStage(Stage):
             offset += n
         return out
 
+    @staticmethod
+    def _logits_of(model: torch.nn.Module, b: Batch) -> torch.Tensor:
+        return forward_logits(model, b["tokens"], b["position_ids"], b.get("attention_mask"))
+
     def _response_logprobs(self, b: Batch, logits: torch.Tensor) -> torch.Tensor:
         """The log-probabilities of every response token of micro-batch ``b`` from its ``logits`` (b, s, V), flat
         in response order."""
@@ -307,34 +319,6 @@ class GRPOStage(Stage):
         values = response_values(logp, b["index"])  # (n, t)
         lengths = b["lengths"]  # (n,)
         return values[torch.arange(values.shape[1], device=values.device)[None] < lengths[:, None]]
-
-    def _pipeline_logprobs(
-        self, chunks: Sequence[torch.nn.Module], batches: Iterator[Batch], count: int, width: int, total: int
-    ) -> torch.Tensor:
-        """``_logprobs`` through megatron's forward-only pipeline schedule: the last stage computes them and
-        broadcasts them to its pipeline group (one flat tensor of every response token)."""
-        parts: list[torch.Tensor] = []
-
-        def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-            b = next(data_iterator)
-            logits = forward_logits(model, b["tokens"], b["position_ids"], b.get("attention_mask"))
-            return logits, partial(collect, b)
-
-        def collect(b: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            parts.append(self._response_logprobs(b, logits))
-            return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
-
-        run_schedule(
-            self.cfg, chunks, batches, forward_step, count, forward_only=True, seq_length=width,
-            micro_batch_size=self.mbs,
-        )  # fmt: skip
-        flat = torch.cat(parts) if parts else torch.empty(total, device=current_device())
-        torch.distributed.broadcast(flat, src=self._pp_last(), group=self.pp_group)
-        return flat
-
-    def _pp_last(self) -> int:
-        """Global rank of this pipeline's last stage."""
-        return torch.distributed.get_global_rank(self.pp_group, self.pp - 1)
 
     def _valid_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return mask_padded_vocab(logits, len(self.tokenizer))

@@ -187,6 +187,42 @@ def run_schedule(
     )
 
 
+def pipeline_forward_values(
+    cfg: R1Config,
+    chunks: Sequence[torch.nn.Module],
+    batches: Iterator[Batch],
+    forward: Callable[[torch.nn.Module, Batch], torch.Tensor],
+    values: Callable[[Batch, torch.Tensor], torch.Tensor],
+    num_microbatches: int,
+    total: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> torch.Tensor:
+    """Per-micro-batch values computed on the last pipeline stage, through megatron's forward-only schedule, and
+    broadcast to the whole pipeline group: every stage returns the same flat float32 tensor of ``total`` values.
+
+    ``forward(model, batch)`` is a stage's forward (the last stage's output goes to ``values(batch, output)``, which
+    returns that micro-batch's flat values).
+    """
+    parts: list[torch.Tensor] = []
+
+    def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+        b = next(data_iterator)
+        return forward(model, b), partial(collect, b)
+
+    def collect(b: Batch, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        parts.append(values(b, out).float())
+        return out.new_zeros(()), torch.ones((), dtype=torch.int), {}
+
+    run_schedule(cfg, chunks, batches, forward_step, num_microbatches, forward_only=True, seq_length=seq_length,
+                 micro_batch_size=micro_batch_size)  # fmt: skip
+    flat = torch.cat(parts) if parts else torch.empty(total, device=current_device())
+    pp_group = unwrap(chunks[0]).pg_collection.pp
+    last = dist.get_global_rank(pp_group, pp_group.size() - 1)
+    dist.broadcast(flat, src=last, group=pp_group)
+    return flat
+
+
 def forward_backward(
     trainer: Trainer,
     batches: Iterator[Batch],
