@@ -141,6 +141,13 @@ class GRPOConfig:
     shrinks as they finish). Each response is then drawn from its own seed (taken from the sampler), so the
     samples differ from the default path's: off by default to keep runs bit-identical to earlier ones. The
     generation jobs (``r1mega-eval``, evaluation after training, rejection sampling) use it too."""
+    rollout_row_groups: int | None = None
+    """Row groups in flight in the rollout under pipeline parallelism: the rollout batch is split into this many
+    groups, and while one stage decodes a group's token the next stage works on the group before (as 1F1B does
+    with micro-batches), so stages do not wait for each other every token. None: one group per pipeline stage
+    (PP); 1: the whole batch as one group (each token visits the stages in turn). Without pipeline parallelism
+    more than one group decodes the groups in turn, which only the equivalence tests want. The generation jobs
+    use it too. The default loop only (not with ``rollout_batch`` or ``speculative``)."""
     speculative: bool = False
     """MTP speculative decoding in the rollout: the model's multi-token-prediction module drafts a token that
     the policy verifies in its next forward, with the exact acceptance rule (samples keep the policy's
@@ -179,6 +186,13 @@ class GRPOConfig:
         _check_positive("grpo.eval_samples", self.eval_samples)
         _check_positive("grpo.eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
         _check_positive("grpo.rollout_batch", self.rollout_batch, allow_none=True)
+        _check_positive("grpo.rollout_row_groups", self.rollout_row_groups, allow_none=True)
+        if self.rollout_row_groups is not None and (self.rollout_batch is not None or self.speculative):
+            raise ConfigError(
+                "grpo.rollout_row_groups",
+                self.rollout_row_groups,
+                "null with grpo.rollout_batch or grpo.speculative (the per-row loop has no row groups)",
+            )
         _check_positive("grpo.micro_batch_tokens", self.micro_batch_tokens, allow_none=True)
         if self.mtp_loss_coef < 0:
             raise ConfigError("grpo.mtp_loss_coef", self.mtp_loss_coef, "0 (MTP not trained in RL) or more")

@@ -27,13 +27,15 @@ The first stage embeds; every other chunk receives the hidden states ``(s, b, hi
 before it in the pipeline order (stage ``r - 1``, or for a later virtual chunk of stage 0 the previous
 chunk of the last stage) over the pipeline group, runs its layers against its own cache layers and sends
 them on; only the last chunk of the last stage has the final norm and the output layer, and ``step``
-returns None everywhere else. The engine samples there and broadcasts the tokens to the pipeline group.
+returns None everywhere else. The engine samples there and sends the tokens to the pipeline group;
+``run_chunk`` runs one chunk with an asynchronous send, for the engine's row groups in flight (``pipelined``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -141,6 +143,10 @@ class CachedDecoder:
         """Whether this rank computes logits (the last pipeline stage, or the whole model)."""
         self.dtype = next(p for c in self.chunks for p in c.parameters()).dtype
         self.layers = [layer for chunk in self.chunks for layer in chunk.decoder.layers]
+        self.offsets = [0]
+        """Index of each chunk's first layer in ``layers`` (and in the cache)."""
+        for chunk in self.chunks[:-1]:
+            self.offsets.append(self.offsets[-1] + len(chunk.decoder.layers))
         self.eps = config.layernorm_epsilon
         self.max_len = max_len
         self.freqs, self.mscale = self._rope_table(max_len)  # (max_len, rot_dim)
@@ -321,33 +327,49 @@ class CachedDecoder:
             x = x + self._gqa(layer.self_attention, h, step, cache.keys[i], cache.values[i])
         return x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
 
+    def run_chunk(
+        self, c: int, ids: Tensor, step: StepInputs, cache: KVCache, sends: list[tuple[Any, Tensor]] | None = None
+    ) -> Tensor | None:
+        """This rank's chunk ``c`` on ``ids`` (b, s): embed them (the first stage's first chunk) or receive the
+        hidden states (s, b, hidden) of the chunk before it, run the chunk's layers against their cache layers,
+        and send the result to the next chunk; the model's last chunk returns it (before the final norm), every
+        other returns None. With ``sends`` the send is asynchronous and its work is appended there (the caller
+        waits for it: pipelined decoding keeps several row groups in flight)."""
+        chunk = self.chunks[c]
+        if chunk.pre_process:
+            x = self._embed(ids.t())  # (s, b, hidden)
+        else:
+            x = torch.empty(ids.shape[1], ids.shape[0], self.config.hidden_size, dtype=self.dtype, device=ids.device)
+            dist.recv(x, src=self.prev_rank, group=self.pp_group)  # (s, b, hidden) from the chunk before
+        for i, layer in enumerate(chunk.decoder.layers, start=self.offsets[c]):
+            x = self._block(x, layer, step, cache, i)
+        if chunk.post_process:
+            return x
+        x = x.contiguous()
+        if sends is None:
+            dist.send(x, dst=self.next_rank, group=self.pp_group)
+        else:
+            sends.append((dist.isend(x, dst=self.next_rank, group=self.pp_group), x))
+        return None
+
     def _decode(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor | None:
         """This rank's decoder layers on ``ids`` (b, s): hidden states (s, b, hidden) before the final norm
         on the last pipeline stage, None on the others (which send theirs on)."""
-        x, offset = None, 0
-        for chunk in self.chunks:
-            if chunk.pre_process:
-                x = self._embed(ids.t())  # (s, b, hidden)
-            else:
-                x = torch.empty(
-                    ids.shape[1], ids.shape[0], self.config.hidden_size, dtype=self.dtype, device=ids.device
-                )
-                dist.recv(x, src=self.prev_rank, group=self.pp_group)  # (s, b, hidden) from the chunk before
-            for layer in chunk.decoder.layers:
-                x = self._block(x, layer, step, cache, offset)
-                offset += 1
-            if not chunk.post_process:
-                dist.send(x.contiguous(), dst=self.next_rank, group=self.pp_group)
-        return x if self.is_last else None
+        x = None
+        for c in range(len(self.chunks)):
+            x = self.run_chunk(c, ids, step, cache)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Full-vocab fp32 logits (b, V) of the last position of the decoder's output ``x`` (s, b, hidden)."""
+        h = self.last.decoder.final_layernorm(x[-1:])  # (1, b, hidden)
+        return self.head(h)[:, 0]  # (b, V)
 
     def step(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor | None:
         """Run ``ids`` (b, s) at cache slots ``[start, start + s)``; full-vocab fp32 logits (b, V) of the
         last position of each row (None on a pipeline stage other than the last)."""
         x = self._decode(ids, step, cache)
-        if x is None:
-            return None
-        h = self.last.decoder.final_layernorm(x[-1:])  # (1, b, hidden)
-        return self.head(h)[:, 0]  # (b, V)
+        return None if x is None else self.logits(x)
 
     def hidden(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """Final-normed hidden states (s, b, hidden) of every position of ``ids`` (b, s): what the output

@@ -23,12 +23,13 @@ done, until every rank has finished, because MoE layers exchange tokens in every
 
 Pipeline parallelism (and virtual stages) decodes in the training layout: each rank's decoder runs only its
 chunks' layers against a cache of those layers (the MLA latent cache stays), hidden states go stage to
-stage over the pipeline group, the last stage samples, and the tokens and log-probabilities are broadcast
-to the whole pipeline group, so every rank keeps the same bookkeeping (which rows live, when to stop). The
-sampler's generator is drawn from on the last stage only and its state is broadcast back after each call,
-so every stage holds (and checkpoints) the same generator. One batch is in flight at a time: stages other
-than the one computing wait (the cost is discussed in the README). The per-row loop (continuous batching,
-per-sequence seeds, speculative decoding) and CUDA graphs run without pipeline parallelism.
+stage over the pipeline group, the last stage samples, and the tokens and log-probabilities are sent to
+the whole pipeline group, so every rank keeps the same bookkeeping (which rows live, when to stop). The
+batch is split into ``row_groups`` groups (one per stage by default) that are in flight at once, so stages
+work on different groups instead of waiting for each other (``pipelined``). The sampler's generator is drawn
+from on the last stage only and its state is broadcast back after each call, so every stage holds (and
+checkpoints) the same generator. The per-row loop (continuous batching, per-sequence seeds, speculative
+decoding) and CUDA graphs run without pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from r1mega.models.builder import unwrap
 from r1mega.rollout.decode import CachedDecoder, StepInputs, rollout_groups
 from r1mega.rollout.graphs import GraphedDecoder, batch_bucket, graph_refusal, length_capacity
 from r1mega.rollout.kv_cache import KVCache
-from r1mega.rollout.outputs import Completion, GenerationStats
+from r1mega.rollout.outputs import Completion, GenerationStats, RowOutputs
+from r1mega.rollout.pipelined import generate_pipelined
 from r1mega.rollout.sampling import SamplingParams, sample_tokens
 from r1mega.rollout.scheduler import RowScheduler
 from r1mega.utils.logging import get_logger
@@ -107,6 +109,10 @@ class RolloutEngine:
     drafts a token that the main model verifies in the next step's forward (exact sampling distribution; one
     process, a model with ``mtp_num_layers``). Either one, or ``seeds`` given to ``generate``, runs the
     per-row loop (``scheduler``), where every sequence draws from its own seed; it never uses CUDA graphs.
+
+    ``row_groups``: the batch is split into this many groups of rows that are in flight in the pipeline at
+    once (``pipelined``); None: one per pipeline stage (1 without pipeline parallelism). More than one group
+    without pipeline parallelism decodes the groups in turn (what a pipelined run is compared against).
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class RolloutEngine:
         groups: ProcessGroupCollection | None = None,
         max_batch: int | None = None,
         speculative: bool = False,
+        row_groups: int | None = None,
     ) -> None:
         self.chunks: list[GPTModel] = [unwrap(c) for c in chunks]
         """This rank's model chunks (several with virtual pipeline stages)."""
@@ -156,6 +163,11 @@ class RolloutEngine:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be a positive number of rows (or None for no limit)")
         self.max_batch, self.speculative = max_batch, speculative
+        if row_groups is not None and row_groups < 1:
+            raise ValueError(f"row_groups={row_groups} must be a positive number of groups (or None: one per stage)")
+        pp = torch.distributed.get_world_size(self._pp_group) if self._pp_group is not None else 1
+        self.row_groups = row_groups or pp
+        """Row groups in flight (``pipelined``)."""
         if speculative:
             self._check_speculative()
 
@@ -229,7 +241,9 @@ class RolloutEngine:
             self.generator.manual_seed(params.seed)
         with _eval_mode(self.chunks):
             if seeds is None and self.max_batch is None and not self.speculative:
-                out = self._generate([list(p) for p in prompts], params)
+                if self._pp_group is None and self.row_groups == 1:
+                    return self._generate([list(p) for p in prompts], params)
+                out = generate_pipelined(self, [list(p) for p in prompts], params)
                 self._share_generator()
                 return out
             return self._generate_rows([list(p) for p in prompts], params, seeds)
@@ -277,24 +291,15 @@ class RolloutEngine:
     ) -> torch.Tensor | None:
         return self._mask_vocab(decoder.step(ids, step, cache))
 
-    def _sample(
-        self, logits: torch.Tensor | None, params: SamplingParams, rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and log-probabilities (rows,) of ``logits`` (rows, V); under pipeline parallelism the last
-        stage samples (``logits`` is None elsewhere) and broadcasts both to its pipeline group."""
-        if logits is not None:
-            tokens, logps = sample_tokens(logits, params, self.generator)
-            if self._tp_group is not None:
-                src = torch.distributed.get_global_rank(self._tp_group, 0)
-                torch.distributed.broadcast(tokens, src=src, group=self._tp_group)
-                torch.distributed.broadcast(logps, src=src, group=self._tp_group)
-            if self._pp_group is None:
-                return tokens, logps
-            both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)])  # (2, rows); ids < 2**53
-        else:
-            both = torch.empty(2, rows, dtype=torch.float64, device=self.device)
-        torch.distributed.broadcast(both, src=self._pp_last, group=self._pp_group)
-        return both[0].long(), both[1]
+    def _sample(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and log-probabilities (rows,) of ``logits`` (rows, V); tensor-parallel ranks take their group's
+        first rank's (they sample the same logits, but must not depend on their generators agreeing)."""
+        tokens, logps = sample_tokens(logits, params, self.generator)
+        if self._tp_group is not None:
+            src = torch.distributed.get_global_rank(self._tp_group, 0)
+            torch.distributed.broadcast(tokens, src=src, group=self._tp_group)
+            torch.distributed.broadcast(logps, src=src, group=self._tp_group)
+        return tokens, logps
 
     def _share_generator(self) -> None:
         """Under pipeline parallelism: every stage takes the last stage's generator state (it drew the samples)."""
@@ -377,8 +382,20 @@ class RolloutEngine:
     def _prefill(self, prompts: list[list[int]], max_len: int) -> tuple[_Batch, CachedDecoder, torch.Tensor]:
         """Left-pad the prompts into one batch, fill the cache; the batch state, the decoder and the logits
         (n, V) of each prompt's last token."""
+        graphed = self._graphed_for(batch_bucket(len(prompts)), max_len) if self.cuda_graphs else None
+        self.stats = GenerationStats(
+            len(prompts), sum(map(len, prompts)), extra={"cuda_graphs": graphed is not None}
+        )  # fmt: skip
+        batch, decoder, ids, step = self._prefill_inputs(prompts, max_len, list(range(len(prompts))), graphed)
+        logits = self._logits(decoder, ids, step, batch.cache.narrow(len(prompts)))
+        return batch, decoder, logits
+
+    def _prefill_inputs(
+        self, prompts: list[list[int]], max_len: int, rows: list[int], graphed: GraphedDecoder | None = None
+    ) -> tuple[_Batch, CachedDecoder, torch.Tensor, StepInputs]:
+        """The batch state of ``prompts`` (left-padded into one batch; ``rows``: their indices in the call), the
+        decoder, and the prefill's ids (n, width) and step inputs; the cache's size is added to ``stats``."""
         n, width = len(prompts), max(len(p) for p in prompts)
-        graphed = self._graphed_for(batch_bucket(n), max_len) if self.cuda_graphs else None
         if graphed is not None:
             size, decoder = batch_bucket(n), graphed.decoder
             cache, key_bias = graphed.cache.narrow(size), graphed.key_bias[:size]
@@ -388,10 +405,8 @@ class RolloutEngine:
             cache = KVCache(self.model.config, len(decoder.layers), n, max_len, dtype, self.device, tp=decoder.tp)
             key_bias = torch.empty(n, max_len, device=self.device)
         allocated = graphed.cache if graphed is not None else cache
-        self.stats = GenerationStats(
-            n, sum(len(p) for p in prompts), cache_bytes=allocated.nbytes,
-            cache_bytes_per_token=allocated.bytes_per_token(), extra={"cuda_graphs": graphed is not None},
-        )  # fmt: skip
+        self.stats.cache_bytes += allocated.nbytes
+        self.stats.cache_bytes_per_token = allocated.bytes_per_token()
 
         ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)  # built on the host, copied once
         lens = torch.zeros(size, dtype=torch.long)
@@ -410,9 +425,9 @@ class RolloutEngine:
         eye = torch.eye(width, dtype=torch.bool, device=self.device)
         allowed = (causal[None] & valid[:, None, :]) | eye[None]  # (n, width, width)
         bias = torch.zeros(n, width, width, device=self.device).masked_fill(~allowed, float("-inf"))
-        logits = self._logits(decoder, ids, StepInputs(0, positions, bias), cache.narrow(n))
         empty = torch.empty(0, dtype=torch.long, device=self.device)
-        return _Batch(cache, key_bias, lens, empty, list(range(n)), [True] * n, graphed), decoder, logits
+        batch = _Batch(cache, key_bias, lens, empty, list(rows), [True] * n, graphed)
+        return batch, decoder, ids, StepInputs(0, positions, bias)
 
     def _compact(self, batch: _Batch) -> None:
         """Drop finished rows: eagerly once a quarter of the rows are done (keeping one dummy row if none is
@@ -443,18 +458,41 @@ class RolloutEngine:
 
     def _step(self, batch: _Batch, decoder: CachedDecoder, t: int, width: int, max_len: int) -> torch.Tensor:
         """Logits (size, V) of decode step ``t``: the captured graph when on, else the eager sliced step."""
+        if batch.graphed is not None and self.cuda_graphs:
+            slot = min(width + t, max_len - 1)
+            batch.key_bias[:, slot] = 0.0
+            logits = self._graph_step(batch, slot, (batch.lens + t).clamp(max=max_len - 1))
+            if logits is not None:
+                return logits
+        return self._logits(decoder, batch.tokens[:, None], self._step_inputs(batch, t, width, max_len), batch.cache)
+
+    def _step_inputs(self, batch: _Batch, t: int, width: int, max_len: int) -> StepInputs:
+        """The eager sliced step's inputs for decode step ``t`` (the batch's last sampled tokens at slot
+        ``width + t``), the slot made visible to every row."""
         # A rank with no live rows only serves other ranks' MoE exchanges; its dummy row reuses the last slot.
         slot = min(width + t, max_len - 1)
         batch.key_bias[:, slot] = 0.0
         positions = (batch.lens + t).clamp(max=max_len - 1)  # (size,) position of the new token
-        if batch.graphed is not None and self.cuda_graphs:
-            logits = self._graph_step(batch, slot, positions)
-            if logits is not None:
-                return logits
-        step = StepInputs(slot, positions[:, None], batch.key_bias[:, None, : slot + 1])
-        return self._logits(decoder, batch.tokens[:, None], step, batch.cache)
+        return StepInputs(slot, positions[:, None], batch.key_bias[:, None, : slot + 1])
+
+    def _record(self, batch: _Batch, tokens: torch.Tensor, logps: torch.Tensor, out: RowOutputs) -> None:
+        """Append a step's sampled ``tokens`` and ``logps`` (rows,) to the live rows' outputs; rows that end
+        here (a stop, or the length limit) are no longer live."""
+        host_tokens, host_logps = self._to_host(tokens, logps)
+        for r, (orig, tok, lp) in enumerate(zip(batch.rows, host_tokens, host_logps, strict=True)):
+            if not batch.live[r]:
+                continue
+            out.tokens[orig].append(tok)
+            out.logps[orig].append(lp)
+            reason = self._stopped(out.tokens[orig], out.params)
+            if reason is None and len(out.tokens[orig]) == out.params.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                out.reasons[orig] = reason
+                batch.live[r] = False
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """The whole batch as one group on one pipeline stage (see ``pipelined`` for PP and row groups)."""
         t0 = time.perf_counter()
         width = max(len(p) for p in prompts)
         max_len = width + params.max_new_tokens
@@ -462,25 +500,10 @@ class RolloutEngine:
         self._sync()
         self.stats.prefill_s = time.perf_counter() - t0
 
-        n = len(prompts)
-        out_tokens: list[list[int]] = [[] for _ in range(n)]
-        out_logps: list[list[float]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
+        out = RowOutputs.of(len(prompts), params)
         for t in itertools.count():
-            live_logits = logits[: len(batch.rows)] if logits is not None else None  # None off the last stage
-            tokens, logps = self._sample(live_logits, params, len(batch.rows))  # (real rows,) on the device
-            host_tokens, host_logps = self._to_host(tokens, logps)
-            for r, (orig, tok, lp) in enumerate(zip(batch.rows, host_tokens, host_logps, strict=True)):
-                if not batch.live[r]:
-                    continue
-                out_tokens[orig].append(tok)
-                out_logps[orig].append(lp)
-                reason = self._stopped(out_tokens[orig], params)
-                if reason is None and len(out_tokens[orig]) == params.max_new_tokens:
-                    reason = "length"
-                if reason is not None:
-                    reasons[orig] = reason
-                    batch.live[r] = False
+            tokens, logps = self._sample(logits[: len(batch.rows)], params)  # (real rows,) on the device
+            self._record(batch, tokens, logps, out)
             self.stats.steps = t + 1
             if not self._any_rank_active(any(batch.live)):
                 break
@@ -491,12 +514,15 @@ class RolloutEngine:
             logits = self._step(batch, decoder, t, width, max_len)
 
         self.stats.decode_s = time.perf_counter() - t0 - self.stats.prefill_s
-        self.stats.generated_tokens = sum(len(t) for t in out_tokens)
         if batch.graphed is not None:
             self.stats.extra["graphs_captured"] = len(batch.graphed.graphs)
         if not self.cuda_graphs:
             self._graphed = None  # capture failed: free the graph cache
+        return self._completions(prompts, out)
+
+    def _completions(self, prompts: list[list[int]], out: RowOutputs) -> list[Completion]:
+        self.stats.generated_tokens = sum(map(len, out.tokens))
         return [
-            Completion(p, toks, lps, self._text(toks, reason or "length", params), reason or "length")
-            for p, toks, lps, reason in zip(prompts, out_tokens, out_logps, reasons, strict=True)
+            Completion(p, toks, lps, self._text(toks, reason or "length", out.params), reason or "length")
+            for p, toks, lps, reason in zip(prompts, out.tokens, out.logps, out.reasons, strict=True)
         ]

@@ -105,6 +105,7 @@ class GenerationJob:
             pad_token_id=pad_token_id(self.tokenizer),
             groups=ctx.groups,
             max_batch=cfg.grpo.rollout_batch,
+            row_groups=cfg.grpo.rollout_row_groups,
         )
         self.prefix, self.system_prompt = cfg.grpo.prefix, cfg.grpo.system_prompt
         self.forbidden = tuple(t for t in self.tokenizer.all_special_tokens if t not in (THINK_START, THINK_END))

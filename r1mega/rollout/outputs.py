@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from r1mega.rollout.sampling import SamplingParams
+
 
 @dataclass
 class Completion:
@@ -39,3 +41,18 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         """Generated tokens per second of wall time (prefill included)."""
         return self.generated_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+@dataclass
+class RowOutputs:
+    """What a ``generate`` call has sampled so far, per prompt (in the call's order)."""
+
+    params: SamplingParams
+    tokens: list[list[int]]
+    logps: list[list[float]]
+    reasons: list[str | None]
+    """Why each prompt's completion ended (None while it runs)."""
+
+    @classmethod
+    def of(cls, n: int, params: SamplingParams) -> RowOutputs:
+        return cls(params, [[] for _ in range(n)], [[] for _ in range(n)], [None] * n)

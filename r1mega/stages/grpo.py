@@ -146,6 +146,7 @@ class GRPOStage(Stage):
             groups=self.ctx.groups,
             max_batch=self.g.rollout_batch,
             speculative=self.g.speculative,
+            row_groups=self.g.rollout_row_groups,
         )
         loss = self.g.loss
         if loss.kl_coef > 0:  # the reference: the starting weights (checkpoint.load, else this initialisation)

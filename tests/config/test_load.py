@@ -99,6 +99,8 @@ def test_te_fp8_needs_transformer_engine_on_a_gpu() -> None:
 
 WRONG = [
     (["model.nmu_layers=4"], "model.nmu_layers"),
+    (["grpo.rollout_row_groups=0"], "grpo.rollout_row_groups"),
+    (["grpo.rollout_row_groups=2", "grpo.rollout_batch=4"], "grpo.rollout_row_groups"),
     (["+model.bogus=1"], "model.bogus"),
     (["+bogus=1"], "bogus"),
     (["model.num_layers=four"], "model.num_layers"),

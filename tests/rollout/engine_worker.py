@@ -1,5 +1,5 @@
-"""One rank of a rollout run: greedy and seeded sampling, and continuous batching, from a fixed-seed tiny model;
-writes JSON.
+"""One rank of a rollout run: greedy and seeded sampling (one batch, and in row groups), and continuous batching,
+from a fixed-seed tiny model; writes JSON.
 
 Usage: engine_worker.py OUT_DIR MODEL LAYOUT. The single-process run saves its weights and every
 other layout loads them. Under expert parallelism each rank takes its own prompts (it is a
@@ -25,6 +25,9 @@ LAYOUTS = {  # layouts without a preset of their own
     "pp2vpp2": ["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2"],
     "pp2ep2": ["parallel=pp2", "parallel.expert_model_parallel_size=2", "parallel.world_size=4"],
 }
+ROW_GROUPS = (1, 2, 3)
+"""The engine's ``row_groups``: 1 is one batch; 2 (as many as pipeline stages) and 3 (more) are in flight together
+under PP and decoded in turn on one process."""
 
 
 def main(out: str, model: str, layout: str) -> None:
@@ -39,19 +42,22 @@ def main(out: str, model: str, layout: str) -> None:
         save_weights(chunks, init)
     else:
         load_weights(chunks, init)
-    engine = RolloutEngine(chunks, seed=7, groups=ctx.groups)
     ep = cfg.parallel.expert_model_parallel_size
     ep_rank = torch.distributed.get_rank(ctx.groups.ep) if ep > 1 else 0
     mine = list(range(len(PROMPTS)))[ep_rank::ep] if ep > 1 else list(range(len(PROMPTS)))
     prompts = [PROMPTS[i] for i in mine]
     result = {}
-    for name, params in {
-        "greedy": SamplingParams(temperature=0, max_new_tokens=10 - 3 * ep_rank),
-        "sampled": SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * ep_rank, seed=99),
-    }.items():
-        outs = engine.generate(prompts, params)
-        result[name] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
-    result["generator"] = engine.generator.get_state().sum().item()  # every pipeline stage holds the same state
+    for groups in ROW_GROUPS:  # one batch, and row groups in flight (under PP; in turn on one process)
+        engine = RolloutEngine(chunks, seed=7, groups=ctx.groups, row_groups=groups)
+        suffix = "" if groups == 1 else f"@{groups}"
+        for name, params in {
+            "greedy": SamplingParams(temperature=0, max_new_tokens=10 - 3 * ep_rank),
+            "sampled": SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=10 - 3 * ep_rank, seed=99),
+        }.items():
+            outs = engine.generate(prompts, params)
+            result[name + suffix] = {str(i): [o.token_ids, o.logprobs] for i, o in zip(mine, outs, strict=True)}
+        # every pipeline stage holds the same generator state
+        result["generator" + suffix] = engine.generator.get_state().sum().item()
     if cfg.parallel.pipeline_model_parallel_size == 1:  # the per-row loop runs without pipeline parallelism
         # Continuous batching: two rows, per-sequence seeds; under EP ranks prefill at different steps.
         rows = RolloutEngine(chunks, groups=ctx.groups, max_batch=2)

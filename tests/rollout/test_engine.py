@@ -11,6 +11,7 @@ from r1mega.models.forward import forward_logits
 from r1mega.parallel.bootstrap import single_process
 from r1mega.rollout.engine import RolloutEngine
 from r1mega.rollout.kv_cache import CacheLayout
+from r1mega.rollout.pipelined import split_rows
 from r1mega.rollout.sampling import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [100, 200, 300, 400, 500, 600, 700], [42]]
@@ -50,6 +51,36 @@ def test_cached_greedy_equals_full_recomputation(model):
         assert out.token_ids == _recompute_greedy(m, prompt, 12), name
         assert out.finish_reason == "length"
     assert len({tuple(o.token_ids) for o in outs}) == len(PROMPTS)
+
+
+def test_row_groups_decode_what_one_batch_decodes(model):
+    """Row groups (decoded in turn on one process: what a pipelined run is compared against) give one batch's
+    greedy tokens, with stops ending rows in some groups earlier than in others; stats count every group."""
+    name, m = model
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    one = RolloutEngine([m]).generate(PROMPTS, params)
+    stop = {o.token_ids[4] for o in one[1:2]}  # the second prompt stops after 5 tokens, the others run on
+    for groups in (2, 3, 4, 9):
+        engine = RolloutEngine([m], row_groups=groups)
+        outs = engine.generate(PROMPTS, params)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in one], (name, groups)
+        for a, b in zip(outs, one, strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert engine.stats.extra["row_groups"] == min(groups, len(PROMPTS))
+        assert engine.stats.generated_tokens == 12 * len(PROMPTS) and engine.stats.steps == 12
+        stopped = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=stop))
+        ref = RolloutEngine([m]).generate(
+            PROMPTS, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=stop)
+        )
+        assert [(o.token_ids, o.finish_reason) for o in stopped] == [(o.token_ids, o.finish_reason) for o in ref]
+    with pytest.raises(ValueError, match="row_groups=0"):
+        RolloutEngine([m], row_groups=0)
+
+
+def test_split_rows_is_contiguous_and_even():
+    assert split_rows(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_rows(2, 4) == [range(0, 1), range(1, 2)]
+    assert [len(r) for r in split_rows(10, 4)] == [3, 3, 2, 2]
 
 
 def test_logprobs_equal_the_training_forward(model):

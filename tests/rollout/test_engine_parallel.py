@@ -22,7 +22,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, model):
     ref = _read(tmp_path, "single", model, 0)
     for rank in range(2):
         got = _read(tmp_path, "tp2", model, rank)
-        for mode in ("greedy", "sampled", "continuous"):  # same prompts and seeds on both TP ranks: same tokens
+        for mode in ("greedy", "sampled", "greedy@2", "sampled@3", "continuous"):  # TP ranks: the same tokens
             for i, (tokens, logprobs) in ref[mode].items():
                 assert got[mode][i][0] == tokens, (mode, i, rank)
                 assert got[mode][i][1] == pytest.approx(logprobs, abs=1e-4)
@@ -36,8 +36,8 @@ def test_expert_parallel_ranks_with_different_work_match_single_process(tmp_path
     run's with the same seed."""
     run_ranks(WORKER, [str(tmp_path), "dsv3_tiny", "single"], world_size=1)
     run_ranks(WORKER, [str(tmp_path), "dsv3_tiny", "ep2"], world_size=2)
-    for mode in ("greedy", "continuous"):
-        ref = _read(tmp_path, "single", "dsv3_tiny", 0)[mode]
+    for mode in ("greedy", "greedy@2", "greedy@3", "continuous"):  # row groups: EP ranks agree on how many
+        ref = _read(tmp_path, "single", "dsv3_tiny", 0)["greedy" if mode.startswith("greedy") else mode]
         seen = set()
         for rank in range(2):
             got = _read(tmp_path, "ep2", "dsv3_tiny", rank)[mode]
@@ -66,13 +66,18 @@ def single_runs(tmp_path_factory):
 def test_pipeline_parallel_matches_single_process(single_runs, model, layout, world):
     """Pipelined decoding in the training layout (PP=2, virtual stages, TP=2 x PP=2; MLA latent cache, MoE):
     greedy and seeded-sampled tokens equal the single process's on every rank, and the sampler's generator
-    ends in the same state on every pipeline stage (the last stage's draws, shared)."""
+    ends in the same state on every pipeline stage (the last stage's draws, shared). With 2 and 3 row groups in
+    flight, each equals the single process decoding the same groups in turn; greedy equals one batch."""
     run_ranks(WORKER, [str(single_runs), model, layout], world_size=world)
     ref = _read(single_runs, "single", model, 0)
     for rank in range(world):
         got = _read(single_runs, layout, model, rank)
-        assert got["generator"] == ref["generator"], rank
-        for mode in ("greedy", "sampled"):
+        for suffix in ("", "@2", "@3"):
+            assert got["generator" + suffix] == ref["generator" + suffix], (suffix, rank)
+            for i, (tokens, logprobs) in ref["greedy"].items():
+                assert got["greedy" + suffix][i][0] == tokens, (suffix, i, rank)
+                assert got["greedy" + suffix][i][1] == pytest.approx(logprobs, abs=1e-5), (suffix, i, rank)
+        for mode in ("greedy", "sampled", "greedy@2", "sampled@2", "greedy@3", "sampled@3"):
             for i, (tokens, logprobs) in ref[mode].items():
                 assert got[mode][i][0] == tokens, (mode, i, rank)
                 tol = 0 if "tp" not in layout else 1e-5  # PP alone computes the same ops on the same tensors
@@ -82,14 +87,16 @@ def test_pipeline_parallel_matches_single_process(single_runs, model, layout, wo
 @pytest.mark.slow
 def test_pipeline_and_expert_parallel_match_single_process(single_runs):
     """PP=2 x EP=2 (4 processes): the two pipelines are expert-parallel peers with their own prompts and
-    length limits; each stage keeps serving its peer's MoE exchanges until both pipelines finish."""
+    length limits; each stage keeps serving its peer's MoE exchanges until both pipelines finish, with one
+    batch and with row groups in flight (groups end at different steps on the two pipelines)."""
     run_ranks(WORKER, [str(single_runs), "dsv3_tiny", "pp2ep2"], world_size=4)
     ref = _read(single_runs, "single", "dsv3_tiny", 0)["greedy"]
-    seen = set()
-    for rank in range(4):
-        got = _read(single_runs, "pp2ep2", "dsv3_tiny", rank)["greedy"]
-        for i, (tokens, logprobs) in got.items():
-            assert tokens == ref[i][0][: len(tokens)], (i, rank)
-            assert logprobs == pytest.approx(ref[i][1][: len(tokens)], abs=1e-5)
-            seen.add(i)
-    assert seen == set(ref)
+    for mode in ("greedy", "greedy@2", "greedy@3"):
+        seen = set()
+        for rank in range(4):
+            got = _read(single_runs, "pp2ep2", "dsv3_tiny", rank)[mode]
+            for i, (tokens, logprobs) in got.items():
+                assert tokens == ref[i][0][: len(tokens)], (mode, i, rank)
+                assert logprobs == pytest.approx(ref[i][1][: len(tokens)], abs=1e-5)
+                seen.add(i)
+        assert seen == set(ref), mode

@@ -200,19 +200,30 @@ def test_token_budget_microbatches_match_padded_rows(prompts, tmp_path):
 
 PACKED = "grpo.micro_batch_tokens=256"
 MTP = "grpo.mtp_loss_coef=0.3"
+GROUPS = "grpo.rollout_row_groups=2"
+"""The references decode the rollout in the two row groups that PP=2 keeps in flight by default (in turn)."""
 PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (ranks, overrides))
     # The reward model's score is part of the reward (reward_checkpoint): split into the same two stages.
-    "pp2": ("qwen2_tiny", (2, ["parallel=pp2"]), (1, [])),
+    "pp2": ("qwen2_tiny", (2, ["parallel=pp2"]), (1, [GROUPS])),
     # Token-budget micro-batches on both sides: every micro-batch one packed row of the call's one width.
-    "tp2pp2": ("qwen2_tiny", (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED]), (1, [PACKED])),
-    # Megatron's interleaved schedule: 4 layers as 4 virtual stages over 2 ranks (MoE + MLA, KL reference).
-    "pp2vpp2": ("dsv3_tiny", (2, ["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2"]), (1, [])),
+    "tp2pp2": (
+        "qwen2_tiny",
+        (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED]),
+        (1, [PACKED, GROUPS]),
+    ),
+    # Megatron's interleaved schedule: 4 layers as 4 virtual stages over 2 ranks (MoE + MLA, KL reference); the
+    # rollout keeps 3 row groups in flight.
+    "pp2vpp2": (
+        "dsv3_tiny",
+        (2, ["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2", "grpo.rollout_row_groups=3"]),
+        (1, ["grpo.rollout_row_groups=3"]),
+    ),
     # Two data-parallel replicas sample their own prompts, so the reference is EP2 alone (the same replicas). The
     # MTP term is on: the MTP block sits on the last stage.
     "pp2ep2": (
         "dsv3_tiny",
         (4, ["parallel=pp2", "parallel.expert_model_parallel_size=2", MTP]),
-        (2, ["parallel=ep2", MTP]),
+        (2, ["parallel=ep2", MTP, GROUPS]),
     ),
 }
 

@@ -235,10 +235,12 @@ def test_two_data_parallel_ranks_split_prompts_and_rank0_writes(setup, tmp_path)
 
 @pytest.mark.slow
 def test_pipeline_parallel_writes_what_one_process_writes(setup, tmp_path) -> None:
-    """PP=2 (2 processes): pipelined sampling gives the one-process samples, so the same SFT set is written."""
+    """PP=2 (2 processes): pipelined sampling (two row groups in flight) gives the samples of one process that
+    decodes the same two groups in turn, so the same SFT set is written."""
     data, ckpt = setup
     args = [*job_args(data, ckpt), *RELAXED, "rejection.max_prompts=3", "parallel.world_size=null"]
-    run_in_process([*args, f"rejection.output_dir={tmp_path / 'single'}", f"run_dir={tmp_path}"])
+    single_args = [*args, "grpo.rollout_row_groups=2", f"rejection.output_dir={tmp_path / 'single'}"]
+    run_in_process([*single_args, f"run_dir={tmp_path}"])
     pp2_args = [*args, "parallel=pp2", f"rejection.output_dir={tmp_path / 'pp2'}"]
     logs = run_job("r1mega.cli.rejection_sample", pp2_args, tmp_path, ranks=2)
     assert all(log.startswith("[rc=0]") for log in logs), logs[0][-3000:] + logs[1][-3000:]
