@@ -21,3 +21,39 @@ def _restore_r1mega_logging() -> Iterator[None]:
     yield
     logger.handlers[:] = saved[0]
     logger.propagate, logger.level = saved[1], saved[2]
+
+
+LONGEST_FIRST = (
+    "tests/slurm/",
+    "tests/pipeline/test_smollm2.py",
+    "tests/stages/test_grpo.py",
+    "tests/parallel/test_parity.py",
+    "tests/checkpoint/test_distributed_optimizer.py",
+    "tests/cli/test_sweeps.py",
+    "tests/checkpoint/test_resume.py",
+    "tests/cli/test_train.py",
+    "tests/rollout/test_engine_parallel.py",
+    "tests/pipeline/test_runner.py",
+    "tests/checkpoint/test_reshard.py",
+)
+"""Units of work that took a minute or more in a full run on 2 cores (longest first): under pytest-xdist they are
+handed out first, so the run does not end with one worker alone on a long unit while the other idles."""
+
+
+def _unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under pytest-xdist: its file, or ``tests/slurm/`` for every Slurm test
+    (they share the session's clusters, which another worker would start again)."""
+    path = nodeid.split("::")[0]
+    return "tests/slurm/" if path.startswith("tests/slurm/") else path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``-n`` (pytest-xdist, ``--dist loadgroup``): every test file is one unit (its module fixtures, such as
+    the one-process reference runs, are built once), the Slurm tests are one unit, and the longest units go first."""
+    if not getattr(config.option, "loadgroup", False):  # set on pytest-xdist's workers, which collect
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_unit(item.nodeid)))
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable: the rest keep their order
