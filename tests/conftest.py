@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Iterator
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch thread each (and in every process they start), or the workers' thread
+    # pools fight over the cores (measured: tests/rollout/test_engine.py 21 s alone, 109 s beside another worker).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +28,21 @@ def _restore_r1mega_logging() -> Iterator[None]:
     yield
     logger.handlers[:] = saved[0]
     logger.propagate, logger.level = saved[1], saved[2]
+
+
+@pytest.fixture(autouse=True)
+def _reset_megatron_moe_loss_scale() -> Iterator[None]:
+    """Leave megatron-core's MoE aux-loss backward scale as a fresh process has it (None) after each test.
+
+    megatron keeps it on a class: a backward outside its schedule (tests/train/test_recompute.py) stores a 0-dim
+    tensor, into which the schedule's next ``set_loss_scale`` (a (1,)-shaped scale) cannot be copied, so an MoE
+    training step run later in the same test process failed. Which tests share a process depends on the order and
+    on how pytest-xdist splits the suite, so no test may leave it behind.
+    """
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 LONGEST_FIRST = (
