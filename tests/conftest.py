@@ -69,10 +69,17 @@ def _unit(nodeid: str) -> str:
     return "tests/slurm/" if path.startswith("tests/slurm/") else path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``--dist loadgroup`` hand the units out in collection order (``LONGEST_FIRST``), not by test count."""
+    if getattr(config.option, "dist", None) == "loadgroup":
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``-n`` (pytest-xdist, ``--dist loadgroup``): every test file is one unit (its module fixtures, such as
-    the one-process reference runs, are built once), the Slurm tests are one unit, and the longest units go first."""
+    """With ``-n N --dist loadgroup`` (pytest-xdist; the README's test command): every test file is one unit (its
+    module fixtures, such as the one-process reference runs, are built once), the Slurm tests are one unit, and the
+    longest units go first."""
     if not getattr(config.option, "loadgroup", False):  # set on pytest-xdist's workers, which collect
         return
     for item in items:
