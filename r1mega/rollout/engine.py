@@ -50,10 +50,10 @@ from r1mega.models.builder import unwrap
 from r1mega.rollout.decode import CachedDecoder, StepInputs, rollout_groups
 from r1mega.rollout.graphs import GraphedDecoder, batch_bucket, graph_refusal, length_capacity
 from r1mega.rollout.kv_cache import KVCache
-from r1mega.rollout.outputs import Completion, GenerationStats, RowOutputs
+from r1mega.rollout.outputs import Completion, GenerationStats, RowOutputs, completion_text, finish_reason
 from r1mega.rollout.pipelined import generate_pipelined
 from r1mega.rollout.sampling import SamplingParams, sample_tokens
-from r1mega.rollout.scheduler import RowScheduler
+from r1mega.rollout.scheduler import generate_rows
 from r1mega.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -246,7 +246,7 @@ class RolloutEngine:
                 out = generate_pipelined(self, [list(p) for p in prompts], params)
                 self._share_generator()
                 return out
-            return self._generate_rows([list(p) for p in prompts], params, seeds)
+            return generate_rows(self, [list(p) for p in prompts], params, seeds)
 
     # ---- internals ------------------------------------------------------------------------------------
 
@@ -334,50 +334,14 @@ class RolloutEngine:
             return None
 
     def _stopped(self, row_tokens: list[int], params: SamplingParams) -> str | None:
-        last = row_tokens[-1]
-        if last in self.eos_token_ids and not params.ignore_eos:
-            return "eos"
-        if last in params.stop_token_ids:
-            return "stop"
-        if params.stop:
-            tail = self.tokenizer.decode(row_tokens[-params.stop_check_tokens :], skip_special_tokens=False)
-            if any(s in tail for s in params.stop):
-                return "stop"
-        return None
+        return finish_reason(row_tokens, params, self.eos_token_ids, self.tokenizer)
 
     def _text(self, tokens: list[int], reason: str, params: SamplingParams) -> str:
-        if self.tokenizer is None:
-            return ""
-        ids = (
-            tokens[:-1]
-            if reason in ("eos", "stop") and tokens and tokens[-1] in (*self.eos_token_ids, *params.stop_token_ids)
-            else tokens
-        )
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        cuts = [text.find(s) for s in params.stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        return completion_text(tokens, reason, params, self.eos_token_ids, self.tokenizer)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _generate_rows(
-        self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int] | None
-    ) -> list[Completion]:
-        """The per-row loop (continuous batching, per-sequence seeds, speculative decoding)."""
-        if seeds is None:
-            drawn = torch.randint(0, 2**62, (len(prompts),), generator=self.generator, device=self.device)
-            seeds = drawn.tolist()
-        self.stats = GenerationStats(len(prompts), sum(map(len, prompts)), extra={"cuda_graphs": False})
-        rows = RowScheduler(self, prompts, params, list(seeds), self.max_batch, self.speculative)
-        self.stats.cache_bytes = rows.cache.nbytes
-        self.stats.cache_bytes_per_token = rows.cache.bytes_per_token()
-        tokens, logps, reasons = rows.run()
-        self.stats.generated_tokens = sum(map(len, tokens))
-        return [
-            Completion(p, t, lp, self._text(t, reason, params), reason)
-            for p, t, lp, reason in zip(prompts, tokens, logps, reasons, strict=True)
-        ]
 
     def _prefill(self, prompts: list[list[int]], max_len: int) -> tuple[_Batch, CachedDecoder, torch.Tensor]:
         """Left-pad the prompts into one batch, fill the cache; the batch state, the decoder and the logits

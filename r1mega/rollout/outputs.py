@@ -56,3 +56,33 @@ class RowOutputs:
     @classmethod
     def of(cls, n: int, params: SamplingParams) -> RowOutputs:
         return cls(params, [[] for _ in range(n)], [[] for _ in range(n)], [None] * n)
+
+
+def finish_reason(
+    tokens: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...], tokenizer: Any
+) -> str | None:
+    """Why a completion whose last token is ``tokens[-1]`` ends there (``eos``, ``stop``), or None if it goes on.
+    Stop strings are looked for in the decoded last ``params.stop_check_tokens`` tokens."""
+    last = tokens[-1]
+    if last in eos_token_ids and not params.ignore_eos:
+        return "eos"
+    if last in params.stop_token_ids:
+        return "stop"
+    if params.stop:
+        tail = tokenizer.decode(tokens[-params.stop_check_tokens :], skip_special_tokens=False)
+        if any(s in tail for s in params.stop):
+            return "stop"
+    return None
+
+
+def completion_text(
+    tokens: list[int], reason: str, params: SamplingParams, eos_token_ids: tuple[int, ...], tokenizer: Any
+) -> str:
+    """The decoded completion: without a final end-of-sequence or stop token, cut before a stop string ("" without
+    a tokenizer)."""
+    if tokenizer is None:
+        return ""
+    ends = reason in ("eos", "stop") and tokens and tokens[-1] in (*eos_token_ids, *params.stop_token_ids)
+    text = tokenizer.decode(tokens[:-1] if ends else tokens, skip_special_tokens=False)
+    cuts = [text.find(s) for s in params.stop if s in text]
+    return text[: min(cuts)] if cuts else text

@@ -31,6 +31,7 @@ every forward. Speculative decoding runs on one process (the engine refuses it o
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from r1mega.rollout.decode import CachedDecoder, StepInputs
 from r1mega.rollout.kv_cache import KVCache
+from r1mega.rollout.outputs import Completion, GenerationStats
 from r1mega.rollout.sampling import (
     STREAM_ACCEPT,
     STREAM_DRAFT,
@@ -55,6 +57,26 @@ from r1mega.rollout.sampling import (
 REFILL_SHARE = 8
 """Waiting prompts are prefilled once at least 1/8 of the rows (and at least one) are free, so that
 refills come in groups (one forward each) rather than one prompt per step."""
+
+
+def generate_rows(
+    engine: Any, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int] | None
+) -> list[Completion]:
+    """One ``generate`` call of ``engine`` (a ``RolloutEngine``) through the per-row loop; without ``seeds`` each
+    sequence's seed is drawn from the engine's generator."""
+    if seeds is None:
+        drawn = torch.randint(0, 2**62, (len(prompts),), generator=engine.generator, device=engine.device)
+        seeds = drawn.tolist()
+    engine.stats = GenerationStats(len(prompts), sum(map(len, prompts)), extra={"cuda_graphs": False})
+    rows = RowScheduler(engine, prompts, params, list(seeds), engine.max_batch, engine.speculative)
+    engine.stats.cache_bytes = rows.cache.nbytes
+    engine.stats.cache_bytes_per_token = rows.cache.bytes_per_token()
+    tokens, logps, reasons = rows.run()
+    engine.stats.generated_tokens = sum(map(len, tokens))
+    return [
+        Completion(p, t, lp, engine._text(t, reason, params), reason)
+        for p, t, lp, reason in zip(prompts, tokens, logps, reasons, strict=True)
+    ]
 
 
 @dataclass
