@@ -210,7 +210,7 @@ def rl_lines(cfg: R1Config, lay: Layout, params: ModelParams, args: argparse.Nam
         )
     t = rl_time(cfg, lay, args.prompt_tokens, hw, args.mfu)
     lines.append(
-        f"time per step at the {hw.name} floor: rollout {t.rollout_pipelined:.0f} s with {lay.pp} row groups in "
+        f"time per step at the {hw.name} floor: rollout {t.rollout_pipelined:.0f} s with {t.row_groups} row groups in "
         f"flight ({t.rollout_one_group:.0f} s with one; decode {t.bound}-bound), update {t.update:.0f} s at "
         f"{args.mfu:.0%} MFU; responses at full length"
     )

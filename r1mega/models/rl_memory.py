@@ -22,9 +22,10 @@ Time, from FLOPs and bandwidth (``Hardware``), the floor a perfect implementatio
 * **Rollout** (decode): per token, a pipeline stage's pass over a group of rows takes
   ``max(bytes read / HBM bandwidth, FLOPs / peak)``: its weights (every local expert is hit at these batch sizes)
   plus the group's KV cache, against 2 x activated parameters + attention FLOPs per row. With ``G`` row groups in
-  flight a token costs ``G`` passes per stage, stages in parallel; with one group, ``PP`` passes in turn. Each
-  pass re-reads the stage's weights, but the KV cache and the FLOPs split over the groups: ``G = PP`` groups cost
-  the same as one group only when reading weights is everything, and up to ``PP`` times less otherwise.
+  flight (``grpo.rollout_row_groups``, default ``PP``) a token costs ``max(G, PP)`` passes per stage (stages in
+  parallel, idle when ``G < PP``); with one group, ``PP`` passes in turn. Each pass re-reads the stage's weights,
+  but the KV cache and the FLOPs split over the groups: ``G = PP`` groups cost the same as one group only when
+  reading weights is everything, and up to ``PP`` times less otherwise.
 * **Refit** (for comparison): the same rollout after resharding the weights into a generation layout without
   pipeline stages (attention TP within a node, routed experts over every rank, every row stepping at once), as
   NeMo-RL and verl do; it costs a second copy of each rank's share of the weights and a KV cache that holds every
@@ -91,7 +92,9 @@ class RLTime:
     """Seconds of one GRPO step at the hardware's floor."""
 
     rollout_pipelined: float
-    """Rollout with ``PP`` row groups in flight."""
+    """Rollout with ``row_groups`` row groups in flight."""
+    row_groups: int
+    """``grpo.rollout_row_groups``, or ``PP`` (the engine's default)."""
     rollout_one_group: float
     """Rollout with one row group (the pipeline idle but for one stage at a time)."""
     update: float
@@ -166,7 +169,8 @@ def rl_time(cfg: R1Config, lay: Layout, prompt_tokens: int, hw: Hardware, mfu: f
         compute = stage_flops_per_row * rows / groups / hw.bf16_flops
         return max(read, compute), "bandwidth" if read >= compute else "compute"
 
-    pass_pipelined, bound = token_time(lay.pp)
+    groups = g.rollout_row_groups or lay.pp  # the engine's default: one per stage
+    pass_pipelined, bound = token_time(groups)
     pass_single, _ = token_time(1)
     # Refit: every rank holds 1/world of the routed experts and 1/refit_tp of the rest; all rows step together.
     refit_tp = min(refit_tp, lay.world_size)
@@ -186,7 +190,8 @@ def rl_time(cfg: R1Config, lay: Layout, prompt_tokens: int, hw: Hardware, mfu: f
     reference = 1 if g.loss.kl_coef > 0 else 0
     update_flops = (train + reference) * (f.forward) * tokens_step
     return RLTime(
-        rollout_pipelined=g.max_new_tokens * lay.pp * pass_pipelined,
+        rollout_pipelined=g.max_new_tokens * max(groups, lay.pp) * pass_pipelined,  # stages idle when G < PP
+        row_groups=groups,
         rollout_one_group=g.max_new_tokens * lay.pp * pass_single,
         update=update_flops / (lay.world_size * hw.bf16_flops * mfu),
         bound=bound,

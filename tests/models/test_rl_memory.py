@@ -62,7 +62,13 @@ def test_decode_floor_and_row_groups_in_flight(gpu: str) -> None:
 
     # DeepSeek-V3 over 16 stages, 32K-token responses, many rows: the KV cache, not the weights, is what each pass
     # reads, and it splits over the row groups in flight, which then pay off almost PP-fold.
-    cfg = compose_config(["model=deepseek_v3", "stage=grpo", "parallel=dsv3_grpo_256", "grpo.prompts_per_step=32768"])
+    dsv3 = ["model=deepseek_v3", "stage=grpo", "parallel=dsv3_grpo_256", "grpo.prompts_per_step=32768"]
+    cfg = compose_config(dsv3)
     lay = layout(cfg, 256)
     t = rl_time(cfg, lay, 512, hw, mfu=0.4)
-    assert t.rollout_pipelined < t.rollout_one_group / 8
+    assert t.rollout_pipelined < t.rollout_one_group / 8 and t.row_groups == 16  # one per stage by default
+    # grpo.rollout_row_groups: one group is the one-group loop; four leave 12 of every 16 stage slots idle.
+    one = rl_time(compose_config([*dsv3, "grpo.rollout_row_groups=1"]), lay, 512, hw, mfu=0.4)
+    assert one.rollout_pipelined == pytest.approx(t.rollout_one_group) and one.row_groups == 1
+    four = rl_time(compose_config([*dsv3, "grpo.rollout_row_groups=4"]), lay, 512, hw, mfu=0.4)
+    assert t.rollout_pipelined < four.rollout_pipelined < one.rollout_pipelined
