@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -34,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from rollout_floor import MatmulFloor  # bench/ is on the path when this file runs as a script
 
 MODEL = [
     "model=qwen2_tiny",
@@ -66,8 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _prompts(batch: int, vocab: int) -> list[list[int]]:
-    import random
-
     rng = random.Random(0)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(16, 48))] for _ in range(batch)]
 
@@ -98,12 +99,7 @@ def worker(args: argparse.Namespace, layout: str, out: Path) -> None:
     greedy = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     tokens = {g: [o.token_ids for o in e.generate(prompts, greedy)] for g, e in engines.items()}
     params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True, seed=1)
-    floor = None
-    if layout == "single":
-        sys.path.insert(0, str(Path(__file__).parent))
-        from rollout_floor import MatmulFloor
-
-        floor = MatmulFloor(chunks[0], args.batch)
+    floor = MatmulFloor(chunks[0], args.batch) if layout == "single" else None
     tok_s: dict[int, list[float]] = {g: [] for g in sides}
     for _ in range(args.rounds):
         for g, engine in engines.items():

@@ -279,17 +279,16 @@ class RolloutEngine:
         both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)]).cpu()  # (2, b); ids < 2**53
         return [int(x) for x in both[0].tolist()], both[1].tolist()
 
-    def _mask_vocab(self, logits: torch.Tensor | None) -> torch.Tensor | None:
-        if logits is None:  # a pipeline stage other than the last
-            return None
+    def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
             logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries are never sampled
         return logits
 
-    def _logits(
-        self, decoder: CachedDecoder, ids: torch.Tensor, step: StepInputs, cache: KVCache
-    ) -> torch.Tensor | None:
-        return self._mask_vocab(decoder.step(ids, step, cache))
+    def _logits(self, decoder: CachedDecoder, ids: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        """Masked logits of the whole model on this rank (without PP: ``pipelined`` runs the stages' chunks)."""
+        logits = decoder.step(ids, step, cache)
+        assert logits is not None, "a pipeline stage decodes through rollout.pipelined"
+        return self._mask_vocab(logits)
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and log-probabilities (rows,) of ``logits`` (rows, V); tensor-parallel ranks take their group's
@@ -422,13 +421,12 @@ class RolloutEngine:
 
     def _step(self, batch: _Batch, decoder: CachedDecoder, t: int, width: int, max_len: int) -> torch.Tensor:
         """Logits (size, V) of decode step ``t``: the captured graph when on, else the eager sliced step."""
+        step = self._step_inputs(batch, t, width, max_len)
         if batch.graphed is not None and self.cuda_graphs:
-            slot = min(width + t, max_len - 1)
-            batch.key_bias[:, slot] = 0.0
-            logits = self._graph_step(batch, slot, (batch.lens + t).clamp(max=max_len - 1))
+            logits = self._graph_step(batch, step.start, step.positions[:, 0])
             if logits is not None:
                 return logits
-        return self._logits(decoder, batch.tokens[:, None], self._step_inputs(batch, t, width, max_len), batch.cache)
+        return self._logits(decoder, batch.tokens[:, None], step, batch.cache)
 
     def _step_inputs(self, batch: _Batch, t: int, width: int, max_len: int) -> StepInputs:
         """The eager sliced step's inputs for decode step ``t`` (the batch's last sampled tokens at slot
