@@ -218,7 +218,11 @@ def test_decode_computes_what_the_spec_built_model_computes(name, spec):
     the CPU), whose GEMMs (and MLA's absorbed up-projection) must see the same quantised operands.
 
     Activations run in fp32 here: FP8 rounding amplifies bf16 noise from reordered sums (bf16 with identical
-    GEMMs: mean 3.5e-3; a decoder that ignored FP8 differs by mean 7e-3 to 1.1e-2 even in fp32).
+    GEMMs: mean 3.5e-3). Even fp32's last-bit differences (decode and the training forward multiply matrices of
+    other shapes) now and then move a value across an FP8 rounding boundary; the flipped value stays in the cache
+    and shifts that sequence's later log-probabilities by ~1e-3 (seen for MLA+MoE on an Intel CPU with AVX-512:
+    8 of 64 tokens, mean 1.1e-4; 0 of 64 on AMD). So FP8 is held to most tokens exact (median) and a small mean,
+    where a decoder that ignored FP8 differs at every token (measured: median 5e-3 to 9e-3, mean 6e-3 to 1.1e-2).
     """
     from r1mega.models.fp8 import is_fp8_layer
 
@@ -230,6 +234,13 @@ def test_decode_computes_what_the_spec_built_model_computes(name, spec):
         assert (fp8_layers > 0) == (spec == "local-fp8"), fp8_layers
         params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=5)
         outs = RolloutEngine([m]).generate(PROMPTS, params)
-        for prompt, out in zip(PROMPTS, outs, strict=True):
-            diff = (_training_logprobs(m, prompt, out.token_ids, 1.0) - torch.tensor(out.logprobs)).abs().max()
-            assert diff < FP32_TOL, (name, spec, diff.item())
+        diffs = torch.cat(
+            [
+                (_training_logprobs(m, prompt, out.token_ids, 1.0) - torch.tensor(out.logprobs)).abs()
+                for prompt, out in zip(PROMPTS, outs, strict=True)
+            ]
+        )
+        if spec == "local-fp8":
+            assert diffs.median() < FP32_TOL and diffs.mean() < 1e-3, (name, diffs.median(), diffs.mean())
+        else:
+            assert diffs.max() < FP32_TOL, (name, spec, diffs.max().item())
