@@ -152,6 +152,11 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
         from r1mega.parallel import cpu_compat
 
         cpu_compat.apply()
+        # megatron-core wraps small elementwise functions in torch.compile (its jit_fuser; the MoE router's
+        # expert-bias token count is the one r1mega's models reach). On a CPU, inductor traces and compiles it in
+        # every process (measured: 2-4 s of a 9 s three-step MoE run, more with a cold compile cache) to fuse an
+        # integer sum: run such functions eagerly. GPU runs keep megatron's compiled fusions.
+        torch.compiler.set_stance("force_eager")
         device = torch.device("cpu")
     else:
         torch.cuda.set_device(launch.local_rank)
