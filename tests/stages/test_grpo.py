@@ -228,23 +228,44 @@ PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (r
 }
 
 
+def _pipeline_args(prompts: Path, model: str) -> list[str]:
+    return grpo_args(prompts, f"model={model}", "stage.eval_interval=1", "parallel.world_size=null",
+                     "optim.train_steps=1", "reward.weights={accuracy: 1.0, language: 1.0}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def initial_weights(prompts, tmp_path_factory):
+    """``initial_weights(model)``: a checkpoint both sides of a pipeline comparison start from (megatron
+    initialises each pipeline stage from its own seed): one GRPO step at lr 1e-30 in one process, made once per
+    model for the layouts that share it."""
+    made: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in made:
+            out = tmp_path_factory.mktemp(f"init_{model}")
+            args = [*_pipeline_args(prompts, model), "stage.eval_interval=0", "optim.lr=1e-30", "optim.min_lr=1e-30",
+                    "optim.weight_decay=0"]  # fmt: skip
+            init = run_trainer(args, out)
+            assert init.returncode == 0, init.stdout[-3000:]
+            made[model] = out / "checkpoints" / "step_00000001"
+        return made[model]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(PIPELINE_LAYOUTS))
-def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout, request):
+def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout, request, initial_weights):
     """One GRPO update under PP=2 (with a reward model's score in the reward), TP=2 x PP=2 (fp32, packed
     micro-batches) against one process, and PP=2 x EP=2
     (MoE+MLA, MTP trained) against EP=2: pipelined rollout gives the same samples, the reference and old-policy
     log-probabilities go through the pipeline schedule (KL term and truncated IS on), and the loss, KL and MTP
     terms and every gradient match within 1e-5; the held-out evaluation after it gives the same metrics."""
     model, (ranks, overrides), (ref_ranks, ref_overrides) = PIPELINE_LAYOUTS[layout]
-    args = grpo_args(prompts, f"model={model}", "stage.eval_interval=1", "parallel.world_size=null",
-                     "optim.train_steps=1", "reward.weights={accuracy: 1.0, language: 1.0}")  # fmt: skip
-    # Both runs start from the same weights (megatron initialises each pipeline stage from its own seed); the
-    # language reward varies between an untrained model's responses, so advantages and gradients are not 0.
-    init = run_trainer([*args, "optim.lr=1e-30", "optim.min_lr=1e-30", "optim.weight_decay=0"], tmp_path / "init")
-    assert init.returncode == 0, init.stdout[-3000:]
-    args += [f"checkpoint.load={tmp_path / 'init' / 'checkpoints' / 'step_00000001'}", "grpo.loss.kl_coef=0.01",
-             "grpo.loss.rollout_correction=tis"]  # fmt: skip
+    # Both runs start from the same weights; the language reward varies between an untrained model's responses,
+    # so advantages and gradients are not 0.
+    args = [*_pipeline_args(prompts, model), f"checkpoint.load={initial_weights(model)}", "grpo.loss.kl_coef=0.01",
+            "grpo.loss.rollout_correction=tis"]  # fmt: skip
     if layout == "pp2":
         args += ["reward=preference", f"reward.reward_model_path={request.getfixturevalue('reward_checkpoint')}",
                  "reward.weights={accuracy: 1.0, language: 1.0, reward_model: 1.0}"]  # fmt: skip
