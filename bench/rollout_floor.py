@@ -6,6 +6,11 @@
   ``batch * top_k / num_experts`` (the mean a routed expert sees) for routed experts. MLA's key/value
   up-projection counts once (the absorbed form multiplies by it per head, the same FLOPs). The MTP module and
   the embedding lookup are not matmuls of a plain decode step. ``floor tokens/s = batch / seconds per step``.
+- **Work floor**: the matmul floor of everything a side computes for its tokens, prefill included: the decode
+  floor's time for each generated token, plus the prompts' prefill matmuls (every weight times the prompt tokens
+  of ``batch`` prompts at once, the output layer times their last positions only, as a prefill computes logits
+  there). Every response costs a prefill that yields one token, so with short responses the decode floor alone
+  leaves out a large part of the work every side has to do.
 - **Bandwidth floor** (GPU): a step reads every weight once plus each row's KV cache up to its position, at the
   bandwidth of a large device-to-device copy measured in the same run.
 """
@@ -21,18 +26,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def decode_matmuls(model: torch.nn.Module, batch: int) -> list[tuple[int, Tensor]]:
-    """(tokens, weight) for every weight matrix product of one decode step of ``batch`` rows."""
+def decode_matmuls(model: torch.nn.Module, batch: int, head_rows: int | None = None) -> list[tuple[int, Tensor]]:
+    """(tokens, weight) for every weight matrix product of one decode step of ``batch`` rows; with ``head_rows``,
+    of a prefill of ``batch`` prompt tokens whose logits are computed at ``head_rows`` positions."""
     config = model.config
     experts, top_k = config.num_moe_experts or 1, config.moe_router_topk
     routed = max(round(batch * top_k / experts), 1)
+    head = batch if head_rows is None else head_rows
     out: list[tuple[int, Tensor]] = []
     for name, p in model.named_parameters():
         if p.dim() != 2 or name.startswith("mtp."):
             continue
         if name == "embedding.word_embeddings.weight":  # a lookup; a matmul only as the tied output layer
             if model.share_embeddings_and_output_weights:
-                out.append((batch, p))
+                out.append((head, p))
+            continue
+        if name == "output_layer.weight":
+            out.append((head, p))
             continue
         out.append((routed if ".local_experts." in name else batch, p))
     return out
@@ -47,11 +57,22 @@ class MatmulFloor:
     """Times the matmul floor of ``model`` at ``batch`` rows; ``time()`` is one measurement (the benchmark
     interleaves it with the sides it compares, so load changes on a shared machine hit all of them)."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, steps: int = 16, clock: Any = time.perf_counter) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: int,
+        steps: int = 16,
+        clock: Any = time.perf_counter,
+        head_rows: int | None = None,
+    ) -> None:
         self.batch, self.steps, self.clock = batch, steps, clock
         gen = torch.Generator().manual_seed(0)
-        matmuls = decode_matmuls(model, batch)
-        self.pairs = [(torch.randn(n, w.shape[1], generator=gen).to(w.device, w.dtype), w.detach()) for n, w in matmuls]
+        matmuls = decode_matmuls(model, batch, head_rows)
+        inputs: dict[tuple[int, int], Tensor] = {}  # one activation per shape (a prefill's are large)
+        for n, w in matmuls:
+            if (n, w.shape[1]) not in inputs:
+                inputs[n, w.shape[1]] = torch.randn(n, w.shape[1], generator=gen).to(w.device, w.dtype)
+        self.pairs = [(inputs[n, w.shape[1]], w.detach()) for n, w in matmuls]
         self.device = self.pairs[0][1].device
         self.flops = sum(2 * n * w.numel() for n, w in matmuls)
         """FLOPs of one floor step."""
@@ -77,6 +98,27 @@ class MatmulFloor:
     def tok_s(self) -> float:
         """Floor tokens/s: ``batch`` tokens per step at the median measured step time."""
         return self.batch / statistics.median(self.seconds)
+
+
+class PrefillFloor:
+    """Times the prefill matmuls of ``prompt_lengths``, ``batch`` prompts at a time (``decode_matmuls`` with
+    their token count, the output layer at their last positions); ``time()`` is one measurement of all of them."""
+
+    def __init__(
+        self, model: torch.nn.Module, prompt_lengths: list[int], batch: int, clock: Any = time.perf_counter
+    ) -> None:
+        chunks = [prompt_lengths[i : i + batch] for i in range(0, len(prompt_lengths), batch)]
+        self.floors = [MatmulFloor(model, sum(c), steps=1, clock=clock, head_rows=len(c)) for c in chunks]
+        self.seconds: list[float] = []
+
+    def time(self) -> float:
+        self.seconds.append(sum(f.time() for f in self.floors))
+        return self.seconds[-1]
+
+    @property
+    def median(self) -> float:
+        """Seconds for every prompt's prefill matmuls, the median measurement."""
+        return statistics.median(self.seconds)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 20) -> float:

@@ -16,7 +16,8 @@ batch of prompts; finished rows are dropped, never replaced), **r1mega CB** (con
 ``max_batch=batch``, finished rows replaced by waiting prompts), **HF** (``generate`` per batch of prompts,
 default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps costing compute until its batch
 ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
-shapes). Throughput counts generated (useful) tokens; the sides and the floor alternate over ``--rounds`` so a
+shapes). The **work floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode
+floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated (useful) tokens; the sides and the floor alternate over ``--rounds`` so a
 load change on a shared machine hits all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
 shaped, hidden 512) gets the same table without HF.
 
@@ -50,7 +51,7 @@ import warnings
 from typing import Any
 
 import torch
-from rollout_floor import MatmulFloor, copy_bandwidth, decode_floor
+from rollout_floor import MatmulFloor, PrefillFloor, copy_bandwidth, decode_floor
 
 QWEN = [
     "model=qwen2_tiny",
@@ -259,6 +260,7 @@ def measure(
             for row in _hf_generate(hf, chunk, args.new_tokens, True, stop)
         )
     floor = MatmulFloor(model, batch, clock=_clock(args))
+    prefill = PrefillFloor(model, [len(p) for p in prompts], batch, clock=_clock(args))
     if args.device == "cuda":
         for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
             fn()
@@ -274,13 +276,20 @@ def measure(
         for k, fn in runs.items():
             seconds[k].append(_time(lambda fn=fn, k=k: tokens[k].append(fn()), _clock(args)))
             floor.time()
+        prefill.time()
     tok_s = {k: 1 / statistics.median(t / n for t, n in zip(seconds[k], tokens[k], strict=True)) for k in runs}
+    # The work floor of a side: the decode floor's time for each token it generated plus every prompt's prefill.
+    work_s = {k: statistics.median(tokens[k]) / floor.tok_s + prefill.median for k in runs}
+    work_of = {k: work_s[k] * tok_s[k] / statistics.median(tokens[k]) for k in runs}
     out: dict[str, Any] = {
         "batch": batch, "lengths": lengths, "prompts": len(prompts), "floor_tok_s": floor.tok_s,
         "floor_gflop_s": floor.flops * floor.tok_s / batch / 1e9,
         "mean_length": {k: statistics.mean(tokens[k]) / len(prompts) for k in runs},
         **{f"{k}_tok_s": v for k, v in tok_s.items()},
         **{f"{k}_of_floor": v / floor.tok_s for k, v in tok_s.items()},
+        "prefill_floor_s": prefill.median,
+        "work_floor_tok_s": statistics.median(tokens["r1mega_cb"]) / work_s["r1mega_cb"],
+        **{f"{k}_of_work_floor": v for k, v in work_of.items()},
         "seconds": seconds,
     }  # fmt: skip
     if hf is not None:
@@ -401,14 +410,15 @@ def table(results: dict[str, Any]) -> str:
 
     lines = [
         "| model | batch | lengths | r1mega tok/s | r1mega CB tok/s | HF tok/s | floor tok/s | r1mega / floor "
-        "| CB / floor | HF / floor | CB / HF | r1mega / HF |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CB / floor | HF / floor | work floor tok/s | CB / work floor | CB / HF | r1mega / HF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, name in (("dense", "dense"), ("moe_mla", "MoE+MLA")):
         for c in results.get(key, {}).get("cells", []):
             cells = [name, str(c["batch"]), c["lengths"], num(c, "r1mega_tok_s"), num(c, "r1mega_cb_tok_s"),
                      num(c, "hf_tok_s"), num(c, "floor_tok_s"), pct(c, "r1mega_of_floor"), pct(c, "r1mega_cb_of_floor"),
-                     pct(c, "hf_of_floor"), num(c, "cb_vs_hf", "{:.2f}x"), num(c, "r1mega_vs_hf", "{:.2f}x")]  # fmt: skip
+                     pct(c, "hf_of_floor"), num(c, "work_floor_tok_s"), pct(c, "r1mega_cb_of_work_floor"),
+                     num(c, "cb_vs_hf", "{:.2f}x"), num(c, "r1mega_vs_hf", "{:.2f}x")]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -24,3 +24,6 @@ def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
     assert "| dense | 2 | fixed |" in stdout and "| MoE+MLA | 2 | varied |" in stdout
     cells = payload["dense"]["cells"]
     assert all(c["floor_tok_s"] > 0 and c["r1mega_cb_tok_s"] > 0 and c["hf_tok_s"] > 0 for c in cells)
+    # The work floor adds the prefill to the decode floor's time, so it is below the decode floor's tokens/s.
+    assert all(0 < c["work_floor_tok_s"] < c["floor_tok_s"] and c["prefill_floor_s"] > 0 for c in cells)
+    assert all(c["r1mega_cb_of_work_floor"] > c["r1mega_cb_of_floor"] for c in cells)
