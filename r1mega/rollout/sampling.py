@@ -8,11 +8,14 @@ Two ways to draw. ``sample_tokens`` draws the whole batch from one ``torch.Gener
 path), so a row's token depends on the rows drawn with it. The per-row functions (``row_uniforms``,
 ``inverse_cdf``, ``speculative_accept``) draw each row from a counter-based hash of (sequence seed, token
 index, purpose): a sequence samples the same tokens whichever batch it runs in and whenever it enters it,
-which continuous batching and speculative decoding need (see ``scheduler``).
+which continuous batching and speculative decoding need (see ``scheduler``). Both draw the same way
+(``_draw``: top-p by rejection from the whole distribution, no sort over the vocabulary), only their uniforms
+come from different sources.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,16 +88,22 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One token per row and its log-probability. ``logits``: (b, V) fp32 -> ((b,) int64, (b,) fp32)."""
-    if params.greedy:
-        tokens = logits.argmax(dim=-1)  # (b,)
-        logp = torch.log_softmax(logits, dim=-1)
-    else:
-        scaled = logits / params.temperature
-        logp = torch.log_softmax(scaled, dim=-1)  # (b, V)
-        probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    """One token per row and its log-probability, drawn with uniforms from ``generator`` (the default loop's one
+    generator for the batch). ``logits``: (b, V) fp32 -> ((b,) int64, (b,) fp32).
+
+    The same sampler as ``sample_rows`` (top-p by rejection, no sort; distributed as ``sampling_probs``), fed by
+    the generator instead of per-row hashes; how many uniforms a call draws depends only on the logits and the
+    draws, so ranks given the same logits and generator state draw the same tokens."""
+
+    def uniforms(rows: Tensor, stream: int) -> Tensor:
+        return torch.rand(rows.numel(), generator=generator, dtype=torch.float64, device=generator.device)
+
+    return _draw(logits, params, uniforms)
+
+
+Uniforms = Callable[[Tensor, int], Tensor]
+"""``uniforms(rows, stream)``: (n,) float64 uniforms in [0, 1), one for each of the rows ``rows`` ((n,) int64
+indices into the batch), for the purpose ``stream`` (``STREAM_*``)."""
 
 
 STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0, 1, 2, 3
@@ -166,30 +175,41 @@ def sample_rows(logits: Tensor, params: SamplingParams, seeds: Tensor, counters:
     >= ``top_p``. (Tokens tied with the nucleus' last token are all in it; a sort would cut ties anywhere.)
     With top-k, the top-k tokens are selected (``torch.topk``) and the draw is made in their order.
     """
+
+    def uniforms(rows: Tensor, stream: int) -> Tensor:
+        return row_uniforms(seeds[rows], counters[rows], stream)
+
+    return _draw(logits, params, uniforms)
+
+
+def _draw(logits: Tensor, params: SamplingParams, uniforms: Uniforms) -> tuple[Tensor, Tensor]:
+    """``sample_rows`` / ``sample_tokens`` with the uniforms of ``uniforms``."""
     if params.greedy:
         tokens = logits.argmax(dim=-1)  # (b,)
         return tokens, logprob_of(logits, tokens, params)
     scaled = logits / params.temperature  # (b, V)
     vocab = scaled.shape[-1]
+    rows = torch.arange(scaled.shape[0], device=scaled.device)
     if 0 < params.top_k < vocab:
         lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
-        tokens = _sample_sorted(scaled, lse, params, seeds, counters, params.top_k)
+        tokens = _sample_sorted(scaled, lse, params, uniforms, rows, params.top_k)
     else:  # one exp pass serves the draw and the log-probability
         peak = scaled.amax(dim=-1, keepdim=True)  # (b, 1)
         weights = (scaled - peak).exp_()  # (b, V) unnormalised probabilities
         total = weights.sum(dim=-1, keepdim=True)  # (b, 1)
         lse = peak + total.log()
         if params.top_p < 1.0:
-            tokens = _sample_nucleus(scaled, lse, weights, total, params, seeds, counters)
+            tokens = _sample_nucleus(scaled, lse, weights, total, params, uniforms, rows)
         else:
-            tokens = inverse_cdf(weights, row_uniforms(seeds, counters, STREAM_SAMPLE))
+            tokens = inverse_cdf(weights, uniforms(rows, STREAM_SAMPLE))
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
 
 
 def _sample_sorted(
-    scaled: Tensor, lse: Tensor, params: SamplingParams, seeds: Tensor, counters: Tensor, k: int
+    scaled: Tensor, lse: Tensor, params: SamplingParams, uniforms: Uniforms, rows: Tensor, k: int
 ) -> Tensor:
-    """Draw from the top-``k`` tokens (then top-p within them), in their descending order. (b, V) -> (b,)."""
+    """Draw from the top-``k`` tokens (then top-p within them), in their descending order; ``rows`` are the
+    batch rows of ``scaled``. (n, V) -> (n,)."""
     vocab = scaled.shape[-1]
     vals, order = torch.topk(scaled, k) if k < vocab else torch.sort(scaled, dim=-1, descending=True)  # (b, k)
     probs = (vals - lse).exp()  # (b, k) descending
@@ -197,7 +217,7 @@ def _sample_sorted(
         probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p acts within the top-k set
     cum = probs.double().cumsum(dim=-1)  # (b, k)
     kept = ((cum - probs) < params.top_p).sum(dim=-1, keepdim=True)  # (b, 1) >= 1: the nucleus size
-    target = row_uniforms(seeds, counters, STREAM_SAMPLE).to(cum.device)[:, None] * cum.gather(-1, kept - 1)
+    target = uniforms(rows, STREAM_SAMPLE).to(cum.device)[:, None] * cum.gather(-1, kept - 1)
     j = torch.searchsorted(cum, target, right=True).clamp(max=kept - 1)  # (b, 1) position in the order
     return order.gather(-1, j).squeeze(-1)
 
@@ -208,18 +228,18 @@ def _sample_nucleus(
     weights: Tensor,
     total: Tensor,
     params: SamplingParams,
-    seeds: Tensor,
-    counters: Tensor,
+    uniforms: Uniforms,
+    rows: Tensor,
 ) -> Tensor:
     """Top-p by rejection: draw from the full distribution (``weights`` (b, V), unnormalised, summing to
-    ``total`` (b, 1)), keep tokens inside the nucleus. Returns (b,)."""
+    ``total`` (b, 1)), keep tokens inside the nucleus. ``rows``: ``arange(b)``. Returns (b,)."""
     cdf = weights.double().cumsum(dim=-1)  # (b, V)
     tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
-    todo = torch.arange(scaled.shape[0], device=scaled.device)  # rows still drawing
+    todo = rows  # rows still drawing
     p, c, bound = weights, cdf, total[:, 0] * params.top_p  # bound: top_p of each row's mass
     for attempt in range(NUCLEUS_TRIES):
         stream = STREAM_SAMPLE if attempt == 0 else STREAM_RETRY + attempt
-        u = row_uniforms(seeds[todo], counters[todo], stream).to(c.device)  # (n,)
+        u = uniforms(todo, stream).to(c.device)  # (n,)
         tok = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp(max=p.shape[-1] - 1)  # (n, 1)
         before = torch.where(p > p.gather(-1, tok), p, 0.0).sum(dim=-1)  # (n,) mass of more likely tokens
         inside = before < bound
@@ -229,7 +249,7 @@ def _sample_nucleus(
             return tokens
         p, c, bound = weights[todo], cdf[todo], bound[~inside]
     # Rows still drawing (a tiny top_p): sort.
-    tokens[todo] = _sample_sorted(scaled[todo], lse[todo], params, seeds[todo], counters[todo], scaled.shape[-1])
+    tokens[todo] = _sample_sorted(scaled[todo], lse[todo], params, uniforms, todo, scaled.shape[-1])
     return tokens
 
 

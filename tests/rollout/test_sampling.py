@@ -129,12 +129,17 @@ def test_speculative_accept_samples_the_target_distribution():
     "kwargs",
     [dict(temperature=0.7, top_p=0.9), dict(top_p=0.01), dict(temperature=1.0, top_k=5, top_p=0.8), dict(top_p=1.0)],
 )
-def test_sample_rows_follows_sampling_probs(kwargs):
-    """The per-row sampler (top-p by rejection, with a sort after 32 rejections as for top_p=0.01; top-k in its
-    order) follows ``sampling_probs`` over 20,000 seeds and returns ``logprob_of``'s log-probabilities."""
+@pytest.mark.parametrize("sampler", ["rows", "generator"])
+def test_samplers_follow_sampling_probs(kwargs, sampler):
+    """The per-row sampler and the default loop's (top-p by rejection, with a sort after 32 rejections as for
+    top_p=0.01; top-k in its order) follow ``sampling_probs`` over 20,000 rows (per-row seeds, or one generator)
+    and return ``logprob_of``'s log-probabilities."""
     params = SamplingParams(**kwargs)
     logits = (torch.randn(1, 12, generator=torch.Generator().manual_seed(0)) * 2).expand(20000, 12)
-    tokens, logps = sample_rows(logits, params, torch.arange(20000), torch.full((20000,), 3))
+    if sampler == "rows":
+        tokens, logps = sample_rows(logits, params, torch.arange(20000), torch.full((20000,), 3))
+    else:
+        tokens, logps = sample_tokens(logits, params, torch.Generator().manual_seed(3))
     freq = torch.bincount(tokens, minlength=12).float() / len(tokens)
     assert freq.tolist() == pytest.approx(sampling_probs(logits[:1], params)[0].tolist(), abs=0.012)
     assert (logps - logprob_of(logits, tokens, params)).abs().max().item() < 1e-5
