@@ -202,14 +202,20 @@ PACKED = "grpo.micro_batch_tokens=256"
 MTP = "grpo.mtp_loss_coef=0.3"
 GROUPS = "grpo.rollout_row_groups=2"
 """The references decode the rollout in the two row groups that PP=2 keeps in flight by default (in turn)."""
+SCORED = ("pp2", "tp2pp2")
+"""Layouts whose reward includes a reward model's score (reward_checkpoint), built in the policy's layout: a
+continuous reward, so the groups' advantages are not all 0 (accuracy and language alone can be equal across a
+group of an untrained model's responses, and were after a change of sampler)."""
 PIPELINE_LAYOUTS = {  # name: (model, (ranks, overrides), the reference run's (ranks, overrides))
     # The reward model's score is part of the reward (reward_checkpoint): split into the same two stages.
     "pp2": ("qwen2_tiny", (2, ["parallel=pp2"]), (1, [GROUPS])),
-    # Token-budget micro-batches on both sides: every micro-batch one packed row of the call's one width.
+    # Token-budget micro-batches on both sides: every micro-batch one packed row of the call's one width; the
+    # reward model split over TP=2 x PP=2. Adam's eps 1e-6: TP's other summation order moves gradients by ~1e-7,
+    # which an update g / (|g| + 1e-8) turns into 1e-5 weight differences where |g| is that small.
     "tp2pp2": (
         "qwen2_tiny",
-        (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED]),
-        (1, [PACKED, GROUPS]),
+        (4, ["parallel=pp2", "parallel.tensor_model_parallel_size=2", PACKED, "optim.adam_eps=1e-6"]),
+        (1, [PACKED, GROUPS, "optim.adam_eps=1e-6"]),
     ),
     # Megatron's interleaved schedule: 4 layers as 4 virtual stages over 2 ranks (MoE + MLA, KL reference); the
     # rollout keeps 3 row groups in flight.
@@ -266,14 +272,14 @@ def test_pipeline_parallel_grpo_matches_one_process(prompts, tmp_path, layout, r
     # so advantages and gradients are not 0.
     args = [*_pipeline_args(prompts, model), f"checkpoint.load={initial_weights(model)}", "grpo.loss.kl_coef=0.01",
             "grpo.loss.rollout_correction=tis"]  # fmt: skip
-    if layout == "pp2":
+    if layout in SCORED:
         args += ["reward=preference", f"reward.reward_model_path={request.getfixturevalue('reward_checkpoint')}",
                  "reward.weights={accuracy: 1.0, language: 1.0, reward_model: 1.0}"]  # fmt: skip
     ref = run_trainer_ranks(args, tmp_path / "ref", ref_ranks, *ref_overrides)
     assert all(log.startswith("[rc=0]") for log in ref), ref[-1][-3000:]
     logs = run_trainer_ranks(args, tmp_path / layout, ranks, *overrides)
     assert all(log.startswith("[rc=0]") for log in logs), logs[-1][-3000:]
-    if layout == "pp2":  # the reward model was built in the pipeline layout and scored every rollout
+    if layout in SCORED:  # the reward model was built in the pipeline layout and scored every rollout
         assert "loaded for the reward_model reward" in logs[0]
     mtp = ("mtp_loss", "mtp_acc") if MTP in overrides else ()
     worst = _compare_runs(ref[0], logs, 1, ("loss", "pg_loss", "kl_loss", "rollout_is_mean", "grad_norm", *mtp))
