@@ -17,8 +17,9 @@ batch of prompts; finished rows are dropped, never replaced), **r1mega CB** (con
 default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps costing compute until its batch
 ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
 shapes). The **work floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode
-floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated (useful) tokens; the sides and the floor alternate over ``--rounds`` so a
-load change on a shared machine hits all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
+floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated
+(useful) tokens; the sides and the floors alternate over ``--rounds`` so a load change on a shared machine hits
+all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
 shaped, hidden 512) gets the same table without HF.
 
 With ``--mtp-checkpoint``/``--mtp-data`` (defaults: the tiny pipeline's cold-start SFT, when present) it also

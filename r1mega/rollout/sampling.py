@@ -87,6 +87,11 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+Uniforms = Callable[[Tensor, int], Tensor]
+"""``uniforms(rows, stream)``: (n,) float64 uniforms in [0, 1), one for each of the rows ``rows`` ((n,) int64
+indices into the batch), for the purpose ``stream`` (``STREAM_*``)."""
+
+
 def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One token per row and its log-probability, drawn with uniforms from ``generator`` (the default loop's one
     generator for the batch). ``logits``: (b, V) fp32 -> ((b,) int64, (b,) fp32).
@@ -99,11 +104,6 @@ def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
         return torch.rand(rows.numel(), generator=generator, dtype=torch.float64, device=generator.device)
 
     return _draw(logits, params, uniforms)
-
-
-Uniforms = Callable[[Tensor, int], Tensor]
-"""``uniforms(rows, stream)``: (n,) float64 uniforms in [0, 1), one for each of the rows ``rows`` ((n,) int64
-indices into the batch), for the purpose ``stream`` (``STREAM_*``)."""
 
 
 STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0, 1, 2, 3
