@@ -148,6 +148,13 @@ class GRPOConfig:
     (PP); 1: the whole batch as one group (each token visits the stages in turn). Without pipeline parallelism
     more than one group decodes the groups in turn, which only the equivalence tests want. The generation jobs
     use it too. The default loop only (not with ``rollout_batch`` or ``speculative``)."""
+    rollout_compile: bool = False
+    """The rollout's one-token decode steps compiled by ``torch.compile`` (inductor fuses the norms, RoPE,
+    softmax and activations between the matmuls; dynamic shapes, so one compilation serves every batch size and
+    length). On the CPU with the model whole on each process (TP = PP = EP = 1); on CUDA the decode step is
+    replayed as CUDA graphs instead. The first step compiles (about 20 s on 2 cores, a few seconds when torch's
+    compile cache has it): it pays in runs that decode for minutes, not in a short test. The generation jobs use
+    it too."""
     speculative: bool = False
     """MTP speculative decoding in the rollout: the model's multi-token-prediction module drafts a token that
     the policy verifies in its next forward, with the exact acceptance rule (samples keep the policy's

@@ -82,6 +82,8 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
         _validate_batches(cfg, dp)
     if cfg.stage.name == "grpo":
         _validate_grpo(cfg, dp)
+    if cfg.grpo.rollout_compile:
+        _validate_rollout_compile(cfg, accel)
     if cfg.stage.name in ("sft", "grpo", "reward_model") and cfg.data.source != "jsonl":
         raise ConfigError(
             "data.source",
@@ -334,6 +336,18 @@ def _validate_grpo(cfg: R1Config, dp: int) -> None:
         )
     if g.prefix and cfg.data.tokenizer is None:
         raise ConfigError("data.tokenizer", None, "a tokenizer directory for stage.name=grpo")
+
+
+def _validate_rollout_compile(cfg: R1Config, accel: Accelerator) -> None:
+    """Compiled decode steps: the CPU, and the model whole on each process (the engine checks it again)."""
+    p = cfg.parallel
+    split = {"TP": p.tensor_model_parallel_size, "PP": p.pipeline_model_parallel_size,
+             "EP": p.expert_model_parallel_size}  # fmt: skip
+    sizes = ", ".join(f"{k}={v}" for k, v in split.items() if v > 1)
+    if sizes:
+        raise ConfigError("grpo.rollout_compile", True, f"false with {sizes} (compiled steps need the whole model)")
+    if accel.cuda:
+        raise ConfigError("grpo.rollout_compile", True, "false on CUDA (its decode steps run as CUDA graphs)")
 
 
 def _validate_grpo_pipeline(cfg: R1Config) -> None:

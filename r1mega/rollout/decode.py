@@ -34,7 +34,7 @@ returns None everywhere else. The engine samples there and sends the tokens to t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,6 +72,8 @@ class StepInputs:
     row_slots: Tensor | None = None
     """(b, s) int64 cache slots per row (the per-row step of continuous batching and speculative decoding,
     where rows stand at different slots; ``start`` and ``slots`` are then unused)."""
+    rope: dict[torch.dtype, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    """RoPE cosine and sine tables at ``positions``, per dtype: computed by the first layer, reused by the rest."""
 
     def write(self, cache: Tensor, dim: int, new: Tensor) -> None:
         """Store ``new`` (the new tokens along ``dim``; batch along dim 0) in ``cache`` at this step's slots."""
@@ -116,6 +118,7 @@ class CachedDecoder:
         max_len: int,
         tp_group: dist.ProcessGroup | None = None,
         pp_group: dist.ProcessGroup | None = None,
+        compiled: bool = False,
     ) -> None:
         self.chunks: list[GPTModel] = [model] if isinstance(model, torch.nn.Module) else list(model)
         self.model = model = self.chunks[0]
@@ -150,13 +153,28 @@ class CachedDecoder:
         self.eps = config.layernorm_epsilon
         self.max_len = max_len
         self.freqs, self.mscale = self._rope_table(max_len)  # (max_len, rot_dim)
-        self._rope_positions: Tensor | None = None
-        self._rope_tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         if not self.mla and config.num_query_groups < self.tp:
             raise ValueError(
                 f"the rollout engine needs model.num_query_groups ({config.num_query_groups}) >= tensor parallel "
                 f"size ({self.tp})"
             )
+        self.moe = any(isinstance(layer.mlp, MoELayer) for layer in self.layers)
+        """Whether the model has MoE layers (compiled steps then compile each layer's attention half)."""
+        self.compiled: Any = None
+        """The one-token step compiled by ``torch.compile`` (``compiled=True``), or None: eager steps."""
+        if compiled:
+            if self.tp > 1 or pp_group is not None:
+                raise ValueError(
+                    f"compiled decode steps run a model that is whole on one process (TP={self.tp}, PP="
+                    f"{config.pipeline_model_parallel_size}): turn rollout compilation off for a split model"
+                )
+            self.compiled = torch.compile(self._attention_step if self.moe else self._one_token, dynamic=True)
+
+    def grow(self, max_len: int) -> None:
+        """RoPE tables for ``max_len`` positions, in place: a compiled decoder keeps its identity (its compiled
+        step is guarded on it), so longer calls reuse that step instead of compiling a new decoder's."""
+        self.max_len = max_len
+        self.freqs, self.mscale = self._rope_table(max_len)
 
     # ---- building blocks -------------------------------------------------------------------------------
 
@@ -194,19 +212,21 @@ class CachedDecoder:
             out = out + bias
         return out
 
-    def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
-        """RoPE on ``t`` (s, b, heads, d) at ``positions`` (b, s): megatron-core's
+    def _rope_tables(self, step: StepInputs, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The cosine and sine tables (s, b, 1, rot_dim) of ``step``'s positions, computed once per step."""
+        tables = step.rope.get(dtype)
+        if tables is None:
+            freqs = self.freqs[step.positions.t()].unsqueeze(2)  # (s, b, 1, rot_dim)
+            cos_ = (torch.cos(freqs) * self.mscale).to(dtype)
+            sin_ = (torch.sin(freqs) * self.mscale).to(dtype)
+            tables = step.rope[dtype] = (cos_, sin_)
+        return tables
+
+    def _rope(self, t: Tensor, step: StepInputs) -> Tensor:
+        """RoPE on ``t`` (s, b, heads, d) at ``step.positions`` (b, s): megatron-core's
         ``_apply_rotary_pos_emb_bshd``, with the cosine and sine tables of a step computed once for all its
         layers (the same operations on the same tensors, so the same values)."""
-        if positions is not self._rope_positions:  # a new step: one table lookup for every layer
-            self._rope_positions, self._rope_tables = positions, {}
-        tables = self._rope_tables.get(t.dtype)
-        if tables is None:
-            freqs = self.freqs[positions.t()].unsqueeze(2)  # (s, b, 1, rot_dim)
-            cos_ = (torch.cos(freqs) * self.mscale).to(t.dtype)
-            sin_ = (torch.sin(freqs) * self.mscale).to(t.dtype)
-            tables = self._rope_tables[t.dtype] = (cos_, sin_)
-        cos_, sin_ = tables
+        cos_, sin_ = self._rope_tables(step, t.dtype)
         rot_dim = cos_.shape[-1]
         t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
         if self.mla:
@@ -248,8 +268,8 @@ class CachedDecoder:
         ln = getattr(attn.linear_kv_up_proj, "layer_norm_weight", None)
         if ln is not None:
             kv_c = _rms_norm(kv_c, ln, self.eps)
-        q_pe = self._rope(q_pe, step.positions)
-        k_pe = self._rope(k_pe.unsqueeze(2), step.positions).squeeze(2)  # (s, b, dr)
+        q_pe = self._rope(q_pe, step)
+        k_pe = self._rope(k_pe.unsqueeze(2), step).squeeze(2)  # (s, b, dr)
         w_kv = attn.linear_kv_up_proj.weight  # (n * (dn + dv), r)
         if is_fp8_layer(attn.linear_kv_up_proj):  # absorbed form of its FP8 GEMM: the operands it would see
             kv_c, w_kv = fake_quantize_1x128(kv_c), fake_quantize_128x128(w_kv)
@@ -279,7 +299,7 @@ class CachedDecoder:
             q = attn.q_layernorm(q)
         if attn.k_layernorm is not None:
             k = attn.k_layernorm(k)
-        q, k = self._rope(q, step.positions), self._rope(k, step.positions)
+        q, k = self._rope(q, step), self._rope(k, step)
         end = step.bias.shape[-1]  # attended cache slots S
         step.write(k_cache, 2, k.permute(1, 2, 0, 3))  # (b, ng, s, d)
         step.write(v_cache, 2, v.permute(1, 2, 0, 3))
@@ -318,14 +338,21 @@ class CachedDecoder:
 
     # ---- the step ------------------------------------------------------------------------------------------
 
-    def _block(self, x: Tensor, layer: torch.nn.Module, step: StepInputs, cache: KVCache, i: int) -> Tensor:
-        """One transformer layer on ``x`` (s, b, hidden), against cache layer ``i``."""
+    def _block(self, x: Tensor, layer: torch.nn.Module, step: StepInputs, kv: tuple[Tensor, ...]) -> Tensor:
+        """One transformer layer on ``x`` (s, b, hidden), against its cache tensors ``kv`` (``KVCache.layer``)."""
+        x, h = self._attention_half(x, layer, step, kv)
+        return x + self._mlp(layer.mlp, h)
+
+    def _attention_half(
+        self, x: Tensor, layer: torch.nn.Module, step: StepInputs, kv: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """A layer up to its MLP: the residual stream after attention, and its pre-MLP norm (the MLP's input)."""
         h = layer.input_layernorm(x)
         if self.mla:
-            x = x + self._mla(layer.self_attention, h, step, cache.latent[i])
+            x = x + self._mla(layer.self_attention, h, step, kv[0])
         else:
-            x = x + self._gqa(layer.self_attention, h, step, cache.keys[i], cache.values[i])
-        return x + self._mlp(layer.mlp, layer.pre_mlp_layernorm(x))
+            x = x + self._gqa(layer.self_attention, h, step, kv[0], kv[1])
+        return x, layer.pre_mlp_layernorm(x)
 
     def run_chunk(
         self, c: int, ids: Tensor, step: StepInputs, cache: KVCache, sends: list[tuple[Any, Tensor]] | None = None
@@ -342,7 +369,7 @@ class CachedDecoder:
             x = torch.empty(ids.shape[1], ids.shape[0], self.config.hidden_size, dtype=self.dtype, device=ids.device)
             dist.recv(x, src=self.prev_rank, group=self.pp_group)  # (s, b, hidden) from the chunk before
         for i, layer in enumerate(chunk.decoder.layers, start=self.offsets[c]):
-            x = self._block(x, layer, step, cache, i)
+            x = self._block(x, layer, step, cache.layer(i))
         if chunk.post_process:
             return x
         x = x.contiguous()
@@ -367,9 +394,64 @@ class CachedDecoder:
 
     def step(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor | None:
         """Run ``ids`` (b, s) at cache slots ``[start, start + s)``; full-vocab fp32 logits (b, V) of the
-        last position of each row (None on a pipeline stage other than the last)."""
+        last position of each row (None on a pipeline stage other than the last). One-token steps run
+        compiled when the decoder was built with ``compiled=True``."""
+        if self.compiled is not None and ids.shape[1] == 1:
+            slots = step.slots
+            if slots is None and step.row_slots is None:  # the sliced step, as the static one: no Python int
+                slots = torch.tensor([step.start], device=ids.device)
+            kv = [cache.layer(i) for i in range(len(self.layers))]
+            with torch.compiler.set_stance("default"):  # CPU runs set force_eager for megatron's own helpers
+                if not self.moe:
+                    return self.compiled(ids, step.positions, step.bias, slots, step.row_slots, kv)
+                return self._compiled_layers(ids, StepInputs(0, step.positions, step.bias, slots, step.row_slots), kv)
         x = self._decode(ids, step, cache)
         return None if x is None else self.logits(x)
+
+    def _compiled_layers(self, ids: Tensor, step: StepInputs, kv: list[tuple[Tensor, ...]]) -> Tensor:
+        """The step of a model with MoE layers: each layer's attention half compiled (one compiled function for
+        every layer), the MLPs eager (megatron-core's token dispatcher sizes its buffers on the host)."""
+        cos_, sin_ = self._rope_tables(step, self.dtype)
+        x = self._embed(ids.t())  # (1, b, hidden)
+        for layer, layer_kv in zip(self.layers, kv, strict=True):
+            x, h = self.compiled(x, layer, step.positions, step.bias, step.slots, step.row_slots, cos_, sin_, layer_kv)
+            x = x + self._mlp(layer.mlp, h)
+        return self.logits(x)
+
+    def _attention_step(
+        self,
+        x: Tensor,
+        layer: torch.nn.Module,
+        positions: Tensor,
+        bias: Tensor,
+        slots: Tensor | None,
+        row_slots: Tensor | None,
+        cos_: Tensor,
+        sin_: Tensor,
+        kv: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor]:
+        """What ``compiled`` compiles for a model with MoE layers: ``_attention_half`` of one token per row, with
+        the step's RoPE tables given (tensors and modules only: one compiled function serves every layer)."""
+        step = StepInputs(0, positions, bias, slots=slots, row_slots=row_slots, rope={cos_.dtype: (cos_, sin_)})
+        return self._attention_half(x, layer, step, kv)
+
+    def _one_token(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        bias: Tensor,
+        slots: Tensor | None,
+        row_slots: Tensor | None,
+        kv: list[tuple[Tensor, ...]],
+    ) -> Tensor:
+        """What ``compiled`` compiles: the whole model's step on ``ids`` (b, 1) at cache slots ``slots`` (1,)
+        or ``row_slots`` (b, 1), against each layer's cache tensors ``kv``; logits (b, V). Tensors only, so
+        that one compiled graph (dynamic shapes) serves every batch size, attended length and cache."""
+        step = StepInputs(0, positions, bias, slots=slots, row_slots=row_slots)
+        x = self._embed(ids.t())  # (1, b, hidden)
+        for layer, layer_kv in zip(self.layers, kv, strict=True):
+            x = self._block(x, layer, step, layer_kv)
+        return self.logits(x)
 
     def hidden(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """Final-normed hidden states (s, b, hidden) of every position of ``ids`` (b, s): what the output
@@ -403,5 +485,5 @@ class CachedDecoder:
         mtp = self.last.mtp.layers[0]
         e = mtp.enorm(self._embed(next_ids.t()))  # (s, b, h)
         x = self._linear(mtp.eh_proj, torch.cat([e, mtp.hnorm(hidden)], dim=-1))  # (s, b, h)
-        x = self._block(x, mtp.transformer_layer, step, cache, len(self.layers))
+        x = self._block(x, mtp.transformer_layer, step, cache.layer(len(self.layers)))
         return mtp.final_layernorm(x)

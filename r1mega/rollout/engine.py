@@ -110,6 +110,10 @@ class RolloutEngine:
     process, a model with ``mtp_num_layers``). Either one, or ``seeds`` given to ``generate``, runs the
     per-row loop (``scheduler``), where every sequence draws from its own seed; it never uses CUDA graphs.
 
+    ``compiled``: one-token decode steps compiled by ``torch.compile`` (CPU, the model whole on this process;
+    ``CachedDecoder``): the same tokens and log-probabilities as eager steps up to fp32 rounding, faster once
+    compiled (the first call compiles).
+
     ``row_groups``: the batch is split into this many groups of rows that are in flight in the pipeline at
     once (``pipelined``); None: one per pipeline stage (1 without pipeline parallelism). More than one group
     without pipeline parallelism decodes the groups in turn (what a pipelined run is compared against).
@@ -128,6 +132,7 @@ class RolloutEngine:
         max_batch: int | None = None,
         speculative: bool = False,
         row_groups: int | None = None,
+        compiled: bool = False,
     ) -> None:
         self.chunks: list[GPTModel] = [unwrap(c) for c in chunks]
         """This rank's model chunks (several with virtual pipeline stages)."""
@@ -160,6 +165,9 @@ class RolloutEngine:
                 "leave them off (grpo.rollout_batch=null, grpo.speculative=false) with PP > 1"
             )
         self.cuda_graphs = self._choose_graphs(cuda_graphs)
+        self.compiled = compiled
+        if compiled:
+            self._check_compiled()
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be a positive number of rows (or None for no limit)")
         self.max_batch, self.speculative = max_batch, speculative
@@ -178,6 +186,18 @@ class RolloutEngine:
             )
         if self._tp > 1 or self._sync_group is not None or self._pp_group is not None:
             raise ValueError("speculative decoding runs on one process: use it with TP=1, EP=1 and PP=1")
+
+    def _check_compiled(self) -> None:
+        if self.device.type != "cpu":
+            raise ValueError(
+                f"compiled decode steps are for models on the CPU (this one is on {self.device}): on CUDA the "
+                "decode step is replayed as CUDA graphs (cuda_graphs); leave rollout compilation off"
+            )
+        if self._tp > 1 or self._sync_group is not None or self._pp_group is not None:
+            raise ValueError(
+                "compiled decode steps run a model that is whole on one process: leave rollout compilation off "
+                "with TP, EP or PP > 1"
+            )
 
     def _choose_graphs(self, wanted: bool | None) -> bool:
         if wanted is False:
@@ -251,8 +271,13 @@ class RolloutEngine:
     # ---- internals ------------------------------------------------------------------------------------
 
     def _decoder_for(self, max_len: int) -> CachedDecoder:
-        if self._decoder is None or self._decoder.max_len < max_len:
-            self._decoder = CachedDecoder(self.chunks, max(max_len, 256), self._tp_group, self._pp_group)
+        decoder = self._decoder
+        if decoder is not None and decoder.compiled is not None and decoder.max_len < max_len:
+            decoder.grow(max(max_len, 2 * decoder.max_len))  # the compiled step stays valid (no CUDA graphs here)
+        elif decoder is None or decoder.max_len < max_len:
+            self._decoder = CachedDecoder(
+                self.chunks, max(max_len, 256), self._tp_group, self._pp_group, compiled=self.compiled
+            )
         return self._decoder
 
     def _graphed_for(self, batch: int, max_len: int) -> GraphedDecoder:

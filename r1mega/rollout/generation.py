@@ -106,6 +106,7 @@ class GenerationJob:
             groups=ctx.groups,
             max_batch=cfg.grpo.rollout_batch,
             row_groups=cfg.grpo.rollout_row_groups,
+            compiled=cfg.grpo.rollout_compile,
         )
         self.prefix, self.system_prompt = cfg.grpo.prefix, cfg.grpo.system_prompt
         self.forbidden = tuple(t for t in self.tokenizer.all_special_tokens if t not in (THINK_START, THINK_END))

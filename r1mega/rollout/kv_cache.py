@@ -73,6 +73,10 @@ class KVCache:
         """Every cache tensor."""
         return self.latent + self.keys + self.values
 
+    def layer(self, i: int) -> tuple[Tensor, ...]:
+        """Layer ``i``'s cache tensors: ``(latent,)`` for MLA, else ``(keys, values)``."""
+        return (self.latent[i],) if self.layout.latent else (self.keys[i], self.values[i])
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated for the cache on this rank."""

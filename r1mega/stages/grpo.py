@@ -147,6 +147,7 @@ class GRPOStage(Stage):
             max_batch=self.g.rollout_batch,
             speculative=self.g.speculative,
             row_groups=self.g.rollout_row_groups,
+            compiled=self.g.rollout_compile,
         )
         loss = self.g.loss
         if loss.kl_coef > 0:  # the reference: the starting weights (checkpoint.load, else this initialisation)
