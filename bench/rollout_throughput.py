@@ -16,7 +16,9 @@ batch of prompts; finished rows are dropped, never replaced), **r1mega CB** (con
 ``max_batch=batch``, finished rows replaced by waiting prompts), **HF** (``generate`` per batch of prompts,
 default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps costing compute until its batch
 ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
-shapes). The **work floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode
+shapes). On the CPU, **r1mega compiled** and **CB compiled** are the same two loops with compiled decode
+steps (``RolloutEngine(compiled=True)``, ``grpo.rollout_compile``; ``--no-compiled`` leaves them out); their
+compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **work floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode
 floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated
 (useful) tokens; the sides and the floors alternate over ``--rounds`` so a load change on a shared machine hits
 all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
@@ -121,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wall: elapsed time; cpu: this process's CPU time (with --threads 1: stable ratios on a loaded machine)",
     )
     p.add_argument("--skip-moe", action="store_true", help="only the dense model")
+    p.add_argument(
+        "--no-compiled",
+        dest="compiled",
+        action="store_false",
+        help="leave out the sides with compiled decode steps (CPU; RolloutEngine(compiled=True))",
+    )
     p.add_argument("--floor", action="store_true", help="also the memory-bound floor and ROLLOUT_GPU (on with cuda)")
     p.add_argument("--mtp-checkpoint", default="runs/pipeline/cold_start_sft", help="cold-start SFT run (MTP trained)")
     p.add_argument("--mtp-data", default="data/cold_start_easy", help="its data folder (tokenizer, eval prompts)")
@@ -131,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)  # explicit options still win over the preset
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.floor = args.floor or args.device == "cuda"
+    args.compiled = args.compiled and args.device == "cpu"  # on CUDA the decode step runs as CUDA graphs
     if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
         p.error("--clock cpu measures this process's CPU time: use it with --device cpu --threads 1")
     return args
@@ -246,29 +255,38 @@ def measure(
         "r1mega": RolloutEngine([model], cuda_graphs=False),
         "r1mega_cb": RolloutEngine([model], max_batch=batch),
     }
+    if args.compiled:  # the same two loops with compiled decode steps (CPU)
+        engines["r1mega_compiled"] = RolloutEngine([model], cuda_graphs=False, compiled=True)
+        engines["r1mega_cb_compiled"] = RolloutEngine([model], max_batch=batch, compiled=True)
     if args.device == "cuda" and hf is not None and not varied:
         engines["r1mega_graphs"] = RolloutEngine([model], cuda_graphs=True)
 
     def default_loop(engine: Any) -> int:
         return sum(len(c.token_ids) for chunk in _chunks(prompts, batch) for c in engine.generate(chunk, params))
 
-    runs: dict[str, Any] = {k: (lambda e=e: default_loop(e)) for k, e in engines.items() if k != "r1mega_cb"}
-    runs["r1mega_cb"] = lambda: sum(len(c.token_ids) for c in engines["r1mega_cb"].generate(prompts, params))
+    def one_call(engine: Any) -> int:  # continuous batching: every prompt in one call
+        return sum(len(c.token_ids) for c in engine.generate(prompts, params))
+
+    runs: dict[str, Any] = {k: (lambda e=e: (one_call if e.max_batch else default_loop)(e)) for k, e in engines.items()}
     if hf is not None:
         runs["hf"] = lambda: sum(
             _length(row, stop)
             for chunk in _chunks(prompts, batch)
             for row in _hf_generate(hf, chunk, args.new_tokens, True, stop)
         )
+    warmup: dict[str, float] = {}
     floor = MatmulFloor(model, batch, clock=_clock(args))
     prefill = PrefillFloor(model, [len(p) for p in prompts], batch, clock=_clock(args))
     if args.device == "cuda":
         for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
             fn()
-    else:  # warm-up on a small call: code paths, caches and the allocator
+    else:  # warm-up on a small call: code paths, caches, the allocator, compilation (2 rows and 1)
         small = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=4)
-        for engine in engines.values():
+        for k, engine in engines.items():
+            t0 = time.perf_counter()
             engine.generate(prompts[:2], small)
+            engine.generate(prompts[:1], small)
+            warmup[k] = time.perf_counter() - t0
         if hf is not None:
             _hf_generate(hf, prompts[:2], 4, True)
     seconds: dict[str, list[float]] = {k: [] for k in runs}
@@ -290,6 +308,7 @@ def measure(
         **{f"{k}_of_floor": v / floor.tok_s for k, v in tok_s.items()},
         "prefill_floor_s": prefill.median,
         "work_floor_tok_s": statistics.median(tokens["r1mega_cb"]) / work_s["r1mega_cb"],
+        "compile_warmup_s": warmup,
         **{f"{k}_of_work_floor": v for k, v in work_of.items()},
         "seconds": seconds,
     }  # fmt: skip
@@ -401,7 +420,7 @@ def moe_mla(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The Markdown table of every cell: tokens/s, share of the floor, ratios to HF."""
+    """Two Markdown tables of every cell: tokens/s of each side and floor, then the shares and ratios."""
 
     def pct(c: dict[str, Any], key: str) -> str:
         return f"{100 * c[key]:.0f}%" if key in c else "-"
@@ -409,19 +428,46 @@ def table(results: dict[str, Any]) -> str:
     def num(c: dict[str, Any], key: str, fmt: str = "{:.0f}") -> str:
         return fmt.format(c[key]) if key in c else "-"
 
-    lines = [
-        "| model | batch | lengths | r1mega tok/s | r1mega CB tok/s | HF tok/s | floor tok/s | r1mega / floor "
-        "| CB / floor | HF / floor | work floor tok/s | CB / work floor | CB / HF | r1mega / HF |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    def ratio(c: dict[str, Any], a: str, b: str) -> str:
+        return f"{c[a] / c[b]:.2f}x" if a in c and b in c else "-"
+
+    speed = [
+        "| model | batch | lengths | r1mega | r1mega compiled | CB | CB compiled | HF | floor | work floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    shares = [
+        "| model | batch | lengths | r1mega / floor | r1mega compiled / floor | CB / floor | CB compiled / floor "
+        "| HF / floor | CB compiled / work floor | CB / HF | CB compiled / HF | compiled / eager (CB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, name in (("dense", "dense"), ("moe_mla", "MoE+MLA")):
         for c in results.get(key, {}).get("cells", []):
-            cells = [name, str(c["batch"]), c["lengths"], num(c, "r1mega_tok_s"), num(c, "r1mega_cb_tok_s"),
-                     num(c, "hf_tok_s"), num(c, "floor_tok_s"), pct(c, "r1mega_of_floor"), pct(c, "r1mega_cb_of_floor"),
-                     pct(c, "hf_of_floor"), num(c, "work_floor_tok_s"), pct(c, "r1mega_cb_of_work_floor"),
-                     num(c, "cb_vs_hf", "{:.2f}x"), num(c, "r1mega_vs_hf", "{:.2f}x")]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            head = [name, str(c["batch"]), c["lengths"]]
+            speed.append(
+                "| "
+                + " | ".join(
+                    head
+                    + [
+                        num(c, f"{k}_tok_s")
+                        for k in (
+                            "r1mega",
+                            "r1mega_compiled",
+                            "r1mega_cb",
+                            "r1mega_cb_compiled",
+                            "hf",
+                            "floor",
+                            "work_floor",
+                        )
+                    ]
+                )
+                + " |"
+            )
+            shares.append("| " + " | ".join(head + [
+                pct(c, "r1mega_of_floor"), pct(c, "r1mega_compiled_of_floor"), pct(c, "r1mega_cb_of_floor"),
+                pct(c, "r1mega_cb_compiled_of_floor"), pct(c, "hf_of_floor"), pct(c, "r1mega_cb_compiled_of_work_floor"),
+                ratio(c, "r1mega_cb_tok_s", "hf_tok_s"), ratio(c, "r1mega_cb_compiled_tok_s", "hf_tok_s"),
+                ratio(c, "r1mega_cb_compiled_tok_s", "r1mega_cb_tok_s")]) + " |")  # fmt: skip
+    return "tokens/s\n\n" + "\n".join(speed) + "\n\nshares of the floors and ratios\n\n" + "\n".join(shares)
 
 
 def _print_mtp(results: dict[str, Any]) -> None:

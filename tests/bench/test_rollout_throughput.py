@@ -20,10 +20,21 @@ def test_help() -> None:
 
 @pytest.mark.slow
 def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
-    stdout, payload = run_bench("rollout_throughput.py", *TINY, out_dir=tmp_path)
+    stdout, payload = run_bench("rollout_throughput.py", *TINY, "--no-compiled", out_dir=tmp_path)
     assert "| dense | 2 | fixed |" in stdout and "| MoE+MLA | 2 | varied |" in stdout
     cells = payload["dense"]["cells"]
     assert all(c["floor_tok_s"] > 0 and c["r1mega_cb_tok_s"] > 0 and c["hf_tok_s"] > 0 for c in cells)
     # The work floor adds the prefill to the decode floor's time, so it is below the decode floor's tokens/s.
     assert all(0 < c["work_floor_tok_s"] < c["floor_tok_s"] and c["prefill_floor_s"] > 0 for c in cells)
     assert all(c["r1mega_cb_of_work_floor"] > c["r1mega_cb_of_floor"] for c in cells)
+
+
+@pytest.mark.slow
+def test_tiny_run_with_compiled_steps(tmp_path: Path) -> None:
+    """The compiled sides (CPU): both loops with compiled decode steps, timed after a warm-up that compiles."""
+    stdout, payload = run_bench("rollout_throughput.py", *TINY, "--skip-moe", "--lengths", "fixed", out_dir=tmp_path)
+    (cell,) = payload["dense"]["cells"]
+    assert cell["r1mega_compiled_tok_s"] > 0 and cell["r1mega_cb_compiled_tok_s"] > 0
+    assert cell["compile_warmup_s"]["r1mega_cb_compiled"] > 0
+    row = next(line for line in stdout.splitlines() if line.startswith("| dense | 2 | fixed |"))
+    assert "-" not in [x.strip() for x in row.split("|")[4:8]], row  # r1mega, r1mega compiled, CB, CB compiled
