@@ -158,15 +158,18 @@ class CachedDecoder:
                 f"the rollout engine needs model.num_query_groups ({config.num_query_groups}) >= tensor parallel "
                 f"size ({self.tp})"
             )
-        self.compiled: Any = None
-        """One layer's one-token step compiled by ``torch.compile`` (``compiled=True``), or None: eager steps."""
+        self.compiled = compiled
+        """Whether one-token steps run compiled (``torch.compile``): one compiled function for the layers with a
+        dense MLP, another for the attention half of MoE layers (each its own compile cache: torch allows 8
+        variants of a function, and each here has at most 2 per kind of layer: several rows, and one)."""
         if compiled:
             if self.tp > 1 or pp_group is not None:
                 raise ValueError(
                     f"compiled decode steps run a model that is whole on one process (TP={self.tp}, PP="
                     f"{config.pipeline_model_parallel_size}): turn rollout compilation off for a split model"
                 )
-            self.compiled = torch.compile(self._layer_step, dynamic=True)
+            self._dense_step = torch.compile(self._layer_step, dynamic=True)
+            self._moe_step = torch.compile(self._attention_step, dynamic=True)
 
     def grow(self, max_len: int) -> None:
         """RoPE tables for ``max_len`` positions, in place: a compiled decoder keeps its identity (its compiled
@@ -394,13 +397,17 @@ class CachedDecoder:
         """Run ``ids`` (b, s) at cache slots ``[start, start + s)``; full-vocab fp32 logits (b, V) of the
         last position of each row (None on a pipeline stage other than the last). One-token steps run
         compiled when the decoder was built with ``compiled=True``."""
-        if self.compiled is not None and ids.shape[1] == 1:
-            slots = step.slots
-            if slots is None and step.row_slots is None:  # the sliced step, as the static one: no Python int
-                slots = torch.tensor([step.start], device=ids.device)
+        if self.compiled and ids.shape[1] == 1:
+            row_slots = step.row_slots
+            if row_slots is None:  # one slot for every row, as per-row slots: one compiled variant for both loops
+                slot = step.slots.view(1, 1) if step.slots is not None else torch.tensor([[step.start]])
+                row_slots = slot.to(ids.device).expand(ids.shape[0], 1).contiguous()  # (b, 1)
+            # The default loop passes slices of its buffers, the per-row loop new tensors: torch guards on a view's
+            # base and on strides, so each kind would be another compiled variant. The copies are a few KB.
+            positions, bias = (t.clone(memory_format=torch.contiguous_format) for t in (step.positions, step.bias))
             kv = [cache.layer(i) for i in range(len(self.layers))]
             with torch.compiler.set_stance("default"):  # CPU runs set force_eager for megatron's own helpers
-                return self._compiled_layers(ids, StepInputs(0, step.positions, step.bias, slots, step.row_slots), kv)
+                return self._compiled_layers(ids, StepInputs(0, positions, bias, row_slots=row_slots), kv)
         x = self._decode(ids, step, cache)
         return None if x is None else self.logits(x)
 
@@ -411,9 +418,11 @@ class CachedDecoder:
         cos_, sin_ = self._rope_tables(step, self.dtype)
         x = self._embed(ids.t())  # (1, b, hidden)
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            x, h = self.compiled(x, layer, step.positions, step.bias, step.slots, step.row_slots, cos_, sin_, layer_kv)
-            if h is not None:  # an MoE layer: megatron-core's token dispatcher sizes its buffers on the host
+            if isinstance(layer.mlp, MoELayer):  # megatron-core's token dispatcher sizes its buffers on the host
+                x, h = self._moe_step(x, layer, step.positions, step.bias, step.row_slots, cos_, sin_, layer_kv)
                 x = x + self._mlp(layer.mlp, h)
+            else:
+                x = self._dense_step(x, layer, step.positions, step.bias, step.row_slots, cos_, sin_, layer_kv)
         return self.logits(x)
 
     def _layer_step(
@@ -422,21 +431,33 @@ class CachedDecoder:
         layer: torch.nn.Module,
         positions: Tensor,
         bias: Tensor,
-        slots: Tensor | None,
-        row_slots: Tensor | None,
+        row_slots: Tensor,
         cos_: Tensor,
         sin_: Tensor,
         kv: tuple[Tensor, ...],
-    ) -> tuple[Tensor, Tensor | None]:
-        """What ``compiled`` compiles: layer ``layer`` on ``x`` (1, b, hidden) at cache slots ``slots`` (1,) or
-        ``row_slots`` (b, 1), with the step's RoPE tables given. Tensors and modules only, so that one compiled
-        function (dynamic shapes) serves every layer, batch size, attended length and cache. Returns the layer's
-        output and None, or for an MoE layer the residual stream after attention and the MoE's input."""
-        step = StepInputs(0, positions, bias, slots=slots, row_slots=row_slots, rope={cos_.dtype: (cos_, sin_)})
+    ) -> Tensor:
+        """What the decoder compiles for a layer with a dense MLP: ``layer`` on ``x`` (1, b, hidden), writing at
+        cache slots ``row_slots`` (b, 1), with the step's RoPE tables given. Tensors and modules only, so that
+        one compiled function (dynamic shapes) serves every layer, batch size, attended length and cache."""
+        step = StepInputs(0, positions, bias, row_slots=row_slots, rope={cos_.dtype: (cos_, sin_)})
         x, h = self._attention_half(x, layer, step, kv)
-        if isinstance(layer.mlp, MoELayer):
-            return x, h
-        return x + self._mlp(layer.mlp, h), None
+        return x + self._mlp(layer.mlp, h)
+
+    def _attention_step(
+        self,
+        x: Tensor,
+        layer: torch.nn.Module,
+        positions: Tensor,
+        bias: Tensor,
+        row_slots: Tensor,
+        cos_: Tensor,
+        sin_: Tensor,
+        kv: tuple[Tensor, ...],
+    ) -> tuple[Tensor, Tensor]:
+        """What the decoder compiles for an MoE layer: ``_layer_step`` up to the MLP (the residual stream after
+        attention, and the MoE's input)."""
+        step = StepInputs(0, positions, bias, row_slots=row_slots, rope={cos_.dtype: (cos_, sin_)})
+        return self._attention_half(x, layer, step, kv)
 
     def hidden(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """Final-normed hidden states (s, b, hidden) of every position of ``ids`` (b, s): what the output

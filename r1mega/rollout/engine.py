@@ -272,7 +272,7 @@ class RolloutEngine:
 
     def _decoder_for(self, max_len: int) -> CachedDecoder:
         decoder = self._decoder
-        if decoder is not None and decoder.compiled is not None and decoder.max_len < max_len:
+        if decoder is not None and decoder.compiled and decoder.max_len < max_len:
             decoder.grow(max(max_len, 2 * decoder.max_len))  # the compiled step stays valid (no CUDA graphs here)
         elif decoder is None or decoder.max_len < max_len:
             self._decoder = CachedDecoder(
