@@ -152,9 +152,9 @@ class GRPOConfig:
     """The rollout's one-token decode steps compiled by ``torch.compile`` (inductor fuses the norms, RoPE,
     softmax and activations between the matmuls; dynamic shapes, so one compilation serves every batch size and
     length). On the CPU with the model whole on each process (TP = PP = EP = 1); on CUDA the decode step is
-    replayed as CUDA graphs instead. The first step compiles (about 20 s on 2 cores, a few seconds when torch's
-    compile cache has it): it pays in runs that decode for minutes, not in a short test. The generation jobs use
-    it too."""
+    replayed as CUDA graphs instead. One compiled function serves every layer, so compiling takes about as long
+    for a deep model as for a shallow one (13 s for SmolLM2-135M on 2 cores; less when torch's compile cache has
+    it): it pays in runs that decode for minutes, not in a short test. The generation jobs use it too."""
     speculative: bool = False
     """MTP speculative decoding in the rollout: the model's multi-token-prediction module drafts a token that
     the policy verifies in its next forward, with the exact acceptance rule (samples keep the policy's

@@ -160,8 +160,9 @@ class CachedDecoder:
             )
         self.compiled = compiled
         """Whether one-token steps run compiled (``torch.compile``): one compiled function for the layers with a
-        dense MLP, another for the attention half of MoE layers (each its own compile cache: torch allows 8
-        variants of a function, and each here has at most 2 per kind of layer: several rows, and one)."""
+        dense MLP, another for the attention half of MoE layers. Each has its own compile cache: torch runs a
+        function eagerly once it has 8 variants, and each kind of layer makes 2-3 here (several rows, one row, and
+        for MLA a first one with the attended length fixed)."""
         if compiled:
             if self.tp > 1 or pp_group is not None:
                 raise ValueError(
@@ -172,8 +173,8 @@ class CachedDecoder:
             self._moe_step = torch.compile(self._attention_step, dynamic=True)
 
     def grow(self, max_len: int) -> None:
-        """RoPE tables for ``max_len`` positions, in place: a compiled decoder keeps its identity (its compiled
-        step is guarded on it), so longer calls reuse that step instead of compiling a new decoder's."""
+        """RoPE tables for ``max_len`` positions, in place: the engine keeps a compiled decoder (and its compiled
+        functions) for longer calls instead of building a new one."""
         self.max_len = max_len
         self.freqs, self.mscale = self._rope_table(max_len)
 
