@@ -47,6 +47,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
 )
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -158,6 +159,8 @@ class CachedDecoder:
                 f"the rollout engine needs model.num_query_groups ({config.num_query_groups}) >= tensor parallel "
                 f"size ({self.tp})"
             )
+        self._local: dict[int, bool] = {}
+        """Per MoE layer (by ``id``): whether ``_moe_local`` computes it."""
         self.compiled = compiled
         """Whether one-token steps run compiled (``torch.compile``): one compiled function for the layers with a
         dense MLP, another for the attention half of MoE layers. Each has its own compile cache: torch runs a
@@ -328,6 +331,11 @@ class CachedDecoder:
 
     def _moe(self, mlp: MoELayer, h: Tensor) -> Tensor:
         s, b, hidden = h.shape
+        local = self._local.get(id(mlp))
+        if local is None:
+            local = self._local[id(mlp)] = self._local_moe(mlp)
+        if local:
+            return self._moe_local(mlp, h)
         if self.tp == 1 or not self.config.sequence_parallel:
             return mlp(h)[0]
         # Sequence-parallel semantics, as in training: each TP rank routes its share of the tokens.
@@ -337,6 +345,54 @@ class CachedDecoder:
         out = mlp(tokens[self.tp_rank * share : (self.tp_rank + 1) * share].contiguous())[0]
         out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False, group=self.tp_group)
         return out[: s * b].view(s, b, hidden)
+
+    def _local_moe(self, mlp: MoELayer) -> bool:
+        """Whether ``_moe_local`` computes this MoE layer: every expert on this process (no tensor or expert
+        parallelism) as megatron-core's SequentialMLP, in the plain configuration (no latent projection, no FP8,
+        probabilities applied after the activation, no clamped or offset GLU)."""
+        c = self.config
+        return (
+            self.tp == 1
+            and c.expert_model_parallel_size == 1
+            and isinstance(mlp.experts, SequentialMLP)
+            and not getattr(c, "moe_latent_size", None)
+            and not c.moe_apply_probs_on_input
+            and getattr(c, "activation_func_clamp_value", None) is None
+            and not getattr(c, "glu_linear_offset", 0.0)
+            and not any(is_fp8_layer(m) for m in mlp.modules())
+        )
+
+    def _moe_local(self, mlp: MoELayer, h: Tensor) -> Tensor:
+        """An MoE layer on ``h`` (s, b, hidden) without megatron-core's token dispatcher: the layer's own router
+        (scores, group-limited top-k, the expert bias), then each expert that received tokens on just those
+        tokens, scaled by their routing probabilities after the activation (``MLP(per_token_scale=)``) and
+        summed per token, plus the shared experts. The same products as the dispatcher's path; a decode step
+        calls 2 linears per busy expert instead of megatron's per-expert autograd functions, permutations and
+        all-to-all bookkeeping."""
+        s, b, hidden = h.shape
+        probs, routing_map = mlp.router(h)  # (T, E) each: probabilities of the chosen experts, which they are
+        x = h.reshape(s * b, hidden)
+        out = torch.zeros_like(x)
+        counts = routing_map.sum(dim=0).tolist()  # tokens per expert (a host sync, as the dispatcher's)
+        for e, (n, expert) in enumerate(zip(counts, mlp.experts.local_experts, strict=True)):
+            if n:
+                rows = routing_map[:, e].nonzero().squeeze(1)  # (n,)
+                y = self._linear(expert.linear_fc1, x[rows])
+                if self.config.gated_linear_unit:
+                    gate, up = y.chunk(2, dim=-1)
+                    y = self.config.activation_func(gate) * up
+                else:
+                    y = self.config.activation_func(y)
+                y = (y * probs[rows, e, None]).to(x.dtype)
+                out.index_add_(0, rows, self._row(expert.linear_fc2, y))
+        out = out.view(s, b, hidden)
+        if mlp.use_shared_expert:
+            shared = mlp.shared_experts
+            z = self._mlp(shared, h)
+            if shared.use_shared_expert_gate:
+                z = z * torch.sigmoid(F.linear(h, shared.gate_weight))
+            out = out + z
+        return out
 
     # ---- the step ------------------------------------------------------------------------------------------
 

@@ -3,12 +3,14 @@ the training forward's, and the sampling controls (stop strings/tokens, EOS, pre
 
 import pytest
 import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from r1mega.config.load import compose_config
 from r1mega.data.tokenizer import train_tokenizer
 from r1mega.models.builder import build_model, transformer_config
 from r1mega.models.forward import forward_logits
 from r1mega.parallel.bootstrap import single_process
+from r1mega.rollout.decode import CachedDecoder
 from r1mega.rollout.engine import RolloutEngine
 from r1mega.rollout.kv_cache import CacheLayout
 from r1mega.rollout.pipelined import split_rows
@@ -244,3 +246,29 @@ def test_decode_computes_what_the_spec_built_model_computes(name, spec):
             assert diffs.median() < FP32_TOL and diffs.mean() < 1e-3, (name, diffs.median(), diffs.mean())
         else:
             assert diffs.max() < FP32_TOL, (name, spec, diffs.max().item())
+
+
+@pytest.mark.parametrize(
+    ("precision", "sizes", "local"),
+    [
+        ("fp32", [], True),
+        ("bf16", [], True),
+        ("fp8", [], True),  # experts too small for FP8 GEMMs (128-multiples): they run in bf16
+        ("fp8", ["model.hidden_size=128", "model.moe_ffn_hidden_size=128"], False),
+    ],
+)
+def test_moe_layers_without_the_dispatcher_compute_what_megatron_computes(precision, sizes, local):
+    """The decoder's own MoE path (router, then each busy expert on its tokens) gives megatron-core's MoELayer
+    output on the same tokens; layers with FP8 expert GEMMs keep megatron's path."""
+    cfg = compose_config(["model=dsv3_tiny", "model.init_method_std=0.2", f"precision={precision}", *sizes])
+    with single_process(cfg), torch.no_grad():
+        torch.manual_seed(0)
+        model = build_model(cfg)[0].eval()
+        decoder = CachedDecoder(model, 64)
+        moe = [layer.mlp for layer in decoder.layers if isinstance(layer.mlp, MoELayer)]
+        assert moe
+        for mlp in moe:
+            assert decoder._local_moe(mlp) == local
+            h = torch.randn(3, 5, model.config.hidden_size).to(decoder.dtype)  # (s, b, hidden)
+            want = mlp(h)[0]
+            assert (decoder._moe(mlp, h) - want).abs().max() <= 1e-6 * want.abs().max()
