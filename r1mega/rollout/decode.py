@@ -472,49 +472,34 @@ class CachedDecoder:
         """A one-token step with each layer compiled: one compiled function serves every layer (compilation
         takes as long for 60 layers as for 2; compiling the whole step unrolled took 189 s for SmolLM2's 30
         layers on 2 cores, against 13 s). The embedding, the output layer and MoE MLPs run eagerly."""
-        cos_, sin_ = self._rope_tables(step, self.dtype)
+        inputs = (step.positions, step.bias, step.row_slots, *self._rope_tables(step, self.dtype))
         x = self._embed(ids.t())  # (1, b, hidden)
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            if isinstance(layer.mlp, MoELayer):  # megatron-core's token dispatcher sizes its buffers on the host
-                x, h = self._moe_step(x, layer, step.positions, step.bias, step.row_slots, cos_, sin_, layer_kv)
+            if isinstance(layer.mlp, MoELayer):  # MoE layers run eagerly (``_moe``: host-sized expert batches)
+                x, h = self._moe_step(x, layer, inputs, layer_kv)
                 x = x + self._mlp(layer.mlp, h)
             else:
-                x = self._dense_step(x, layer, step.positions, step.bias, step.row_slots, cos_, sin_, layer_kv)
+                x = self._dense_step(x, layer, inputs, layer_kv)
         return self.logits(x)
 
-    def _layer_step(
-        self,
-        x: Tensor,
-        layer: torch.nn.Module,
-        positions: Tensor,
-        bias: Tensor,
-        row_slots: Tensor,
-        cos_: Tensor,
-        sin_: Tensor,
-        kv: tuple[Tensor, ...],
-    ) -> Tensor:
-        """What the decoder compiles for a layer with a dense MLP: ``layer`` on ``x`` (1, b, hidden), writing at
-        cache slots ``row_slots`` (b, 1), with the step's RoPE tables given. Tensors and modules only, so that
-        one compiled function (dynamic shapes) serves every layer, batch size, attended length and cache."""
-        step = StepInputs(0, positions, bias, row_slots=row_slots, rope={cos_.dtype: (cos_, sin_)})
-        x, h = self._attention_half(x, layer, step, kv)
-        return x + self._mlp(layer.mlp, h)
-
     def _attention_step(
-        self,
-        x: Tensor,
-        layer: torch.nn.Module,
-        positions: Tensor,
-        bias: Tensor,
-        row_slots: Tensor,
-        cos_: Tensor,
-        sin_: Tensor,
-        kv: tuple[Tensor, ...],
+        self, x: Tensor, layer: torch.nn.Module, inputs: tuple[Tensor, ...], kv: tuple[Tensor, ...]
     ) -> tuple[Tensor, Tensor]:
-        """What the decoder compiles for an MoE layer: ``_layer_step`` up to the MLP (the residual stream after
-        attention, and the MoE's input)."""
+        """What the decoder compiles for an MoE layer: ``layer`` on ``x`` (1, b, hidden) up to its MLP (the
+        residual stream after attention, and the MLP's input). ``inputs``: the step's positions (b, 1), key
+        bias (b, 1, S), cache slots to write (b, 1) and RoPE cosine and sine tables. Tensors and modules only,
+        so that one compiled function (dynamic shapes) serves every layer, batch size, attended length and cache."""
+        positions, bias, row_slots, cos_, sin_ = inputs
         step = StepInputs(0, positions, bias, row_slots=row_slots, rope={cos_.dtype: (cos_, sin_)})
         return self._attention_half(x, layer, step, kv)
+
+    def _layer_step(
+        self, x: Tensor, layer: torch.nn.Module, inputs: tuple[Tensor, ...], kv: tuple[Tensor, ...]
+    ) -> Tensor:
+        """What the decoder compiles for a layer with a dense MLP: the whole layer (``_attention_step``'s
+        arguments)."""
+        x, h = self._attention_step(x, layer, inputs, kv)
+        return x + self._mlp(layer.mlp, h)
 
     def hidden(self, ids: Tensor, step: StepInputs, cache: KVCache) -> Tensor:
         """Final-normed hidden states (s, b, hidden) of every position of ``ids`` (b, s): what the output
