@@ -18,8 +18,8 @@ default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps cost
 ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
 shapes). On the CPU, **r1mega compiled** and **CB compiled** are the same two loops with compiled decode
 steps (``RolloutEngine(compiled=True)``, ``grpo.rollout_compile``; ``--no-compiled`` leaves them out); their
-compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **work floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode
-floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated
+compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **work floor** adds the
+prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated
 (useful) tokens; the sides and the floors alternate over ``--rounds`` so a load change on a shared machine hits
 all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
 shaped, hidden 512) gets the same table without HF.
@@ -419,6 +419,10 @@ def moe_mla(args: argparse.Namespace) -> dict[str, Any]:
 # ---- report -------------------------------------------------------------------------------------------------
 
 
+SIDES = ("r1mega", "r1mega_compiled", "r1mega_cb", "r1mega_cb_compiled", "hf", "floor", "work_floor")
+"""The tokens/s columns of the table, in order."""
+
+
 def table(results: dict[str, Any]) -> str:
     """Two Markdown tables of every cell: tokens/s of each side and floor, then the shares and ratios."""
 
@@ -443,25 +447,7 @@ def table(results: dict[str, Any]) -> str:
     for key, name in (("dense", "dense"), ("moe_mla", "MoE+MLA")):
         for c in results.get(key, {}).get("cells", []):
             head = [name, str(c["batch"]), c["lengths"]]
-            speed.append(
-                "| "
-                + " | ".join(
-                    head
-                    + [
-                        num(c, f"{k}_tok_s")
-                        for k in (
-                            "r1mega",
-                            "r1mega_compiled",
-                            "r1mega_cb",
-                            "r1mega_cb_compiled",
-                            "hf",
-                            "floor",
-                            "work_floor",
-                        )
-                    ]
-                )
-                + " |"
-            )
+            speed.append("| " + " | ".join(head + [num(c, f"{k}_tok_s") for k in SIDES]) + " |")
             shares.append("| " + " | ".join(head + [
                 pct(c, "r1mega_of_floor"), pct(c, "r1mega_compiled_of_floor"), pct(c, "r1mega_cb_of_floor"),
                 pct(c, "r1mega_cb_compiled_of_floor"), pct(c, "hf_of_floor"), pct(c, "r1mega_cb_compiled_of_work_floor"),

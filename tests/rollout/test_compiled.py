@@ -25,7 +25,7 @@ LONG = [[7] * 300, [13, 14, 15]]
 
 @pytest.fixture(params=["qwen2_tiny", "dsv3_tiny"], scope="module")
 def model(request):
-    """A dense GQA model (the whole step compiled) and an MLA + MoE one (each layer's attention half)."""
+    """A dense GQA model (each layer compiled whole) and an MLA + MoE one (its MoE layers' attention halves)."""
     cfg = compose_config([f"model={request.param}", "model.init_method_std=0.2"])
     with single_process(cfg):
         torch.manual_seed(0)
@@ -55,7 +55,7 @@ def test_compiled_steps_decode_what_eager_steps_decode(model, max_batch):
             warm = _compiled_frames()
     assert _compiled_frames() == warm, "a later batch size, length or sampler recompiled the step"
     variants = {fn.__name__: len(_debug_get_cache_entry_list(fn.__code__)) for fn in COMPILED}
-    assert variants["_layer_step"] > 0 and (variants["_attention_step"] > 0) == (name == "dsv3_tiny"), variants
+    assert variants["_layer_step"] > 0 and (variants["_attention_step"] > 0 or name != "dsv3_tiny"), variants
     # Both loops share each variant, and a model family adds at most 3 per function (two model families have run in
     # this process at most): torch runs a function eagerly once it has 8.
     assert all(n <= 6 for n in variants.values()), variants
