@@ -73,6 +73,8 @@ class StepInputs:
     row_slots: Tensor | None = None
     """(b, s) int64 cache slots per row (the per-row step of continuous batching and speculative decoding,
     where rows stand at different slots; ``start`` and ``slots`` are then unused)."""
+    compiled: bool = False
+    """Run each layer's compiled function (``CachedDecoder(compiled=True)``, one token per row at ``row_slots``)."""
     rope: dict[torch.dtype, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     """RoPE cosine and sine tables at ``positions``, per dtype: computed by the first layer, reused by the rest."""
 
@@ -318,7 +320,9 @@ class CachedDecoder:
 
     # ---- MLP -----------------------------------------------------------------------------------------------
 
-    def _mlp(self, mlp: torch.nn.Module, h: Tensor) -> Tensor:
+    def _mlp(self, mlp: torch.nn.Module, h: Tensor, scale: Tensor | None = None) -> Tensor:
+        """An MLP block on ``h``; a dense one's activations times ``scale`` (tokens,) when given (a routed
+        expert's routing probabilities, as megatron-core's ``MLP(per_token_scale=)``)."""
         if isinstance(mlp, MoELayer):
             return self._moe(mlp, h)
         x = self._linear(mlp.linear_fc1, h)
@@ -327,6 +331,8 @@ class CachedDecoder:
             x = self.config.activation_func(gate) * up
         else:
             x = self.config.activation_func(x)
+        if scale is not None:
+            x = (x * scale[:, None]).to(h.dtype)
         return self._row(mlp.linear_fc2, x)
 
     def _moe(self, mlp: MoELayer, h: Tensor) -> Tensor:
@@ -377,14 +383,7 @@ class CachedDecoder:
         for e, (n, expert) in enumerate(zip(counts, mlp.experts.local_experts, strict=True)):
             if n:
                 rows = routing_map[:, e].nonzero().squeeze(1)  # (n,)
-                y = self._linear(expert.linear_fc1, x[rows])
-                if self.config.gated_linear_unit:
-                    gate, up = y.chunk(2, dim=-1)
-                    y = self.config.activation_func(gate) * up
-                else:
-                    y = self.config.activation_func(y)
-                y = (y * probs[rows, e, None]).to(x.dtype)
-                out.index_add_(0, rows, self._row(expert.linear_fc2, y))
+                out.index_add_(0, rows, self._mlp(expert, x[rows], scale=probs[rows, e]))
         out = out.view(s, b, hidden)
         if mlp.use_shared_expert:
             shared = mlp.shared_experts
@@ -397,8 +396,18 @@ class CachedDecoder:
     # ---- the step ------------------------------------------------------------------------------------------
 
     def _block(self, x: Tensor, layer: torch.nn.Module, step: StepInputs, kv: tuple[Tensor, ...]) -> Tensor:
-        """One transformer layer on ``x`` (s, b, hidden), against its cache tensors ``kv`` (``KVCache.layer``)."""
-        x, h = self._attention_half(x, layer, step, kv)
+        """One transformer layer on ``x`` (s, b, hidden), against its cache tensors ``kv`` (``KVCache.layer``).
+        A compiled step runs the layer's compiled function: one serves every layer (compiling takes as long for
+        60 layers as for 2; the whole step unrolled took 189 s to compile for SmolLM2's 30 layers on 2 cores,
+        against 13 s); MoE layers compile their attention half and run the MoE eagerly (``_moe``: host-sized
+        expert batches)."""
+        if step.compiled:
+            inputs = (step.positions, step.bias, step.row_slots, *self._rope_tables(step, self.dtype))
+            if not isinstance(layer.mlp, MoELayer):
+                return self._dense_step(x, layer, inputs, kv)
+            x, h = self._moe_step(x, layer, inputs, kv)
+        else:
+            x, h = self._attention_half(x, layer, step, kv)
         return x + self._mlp(layer.mlp, h)
 
     def _attention_half(
@@ -462,25 +471,12 @@ class CachedDecoder:
             # The default loop passes slices of its buffers, the per-row loop new tensors: torch guards on a view's
             # base and on strides, so each kind would be another compiled variant. The copies are a few KB.
             positions, bias = (t.clone(memory_format=torch.contiguous_format) for t in (step.positions, step.bias))
-            kv = [cache.layer(i) for i in range(len(self.layers))]
+            step = StepInputs(0, positions, bias, row_slots=row_slots, compiled=True)
             with torch.compiler.set_stance("default"):  # CPU runs set force_eager for megatron's own helpers
-                return self._compiled_layers(ids, StepInputs(0, positions, bias, row_slots=row_slots), kv)
-        x = self._decode(ids, step, cache)
+                x = self._decode(ids, step, cache)
+        else:
+            x = self._decode(ids, step, cache)
         return None if x is None else self.logits(x)
-
-    def _compiled_layers(self, ids: Tensor, step: StepInputs, kv: list[tuple[Tensor, ...]]) -> Tensor:
-        """A one-token step with each layer compiled: one compiled function serves every layer (compilation
-        takes as long for 60 layers as for 2; compiling the whole step unrolled took 189 s for SmolLM2's 30
-        layers on 2 cores, against 13 s). The embedding, the output layer and MoE MLPs run eagerly."""
-        inputs = (step.positions, step.bias, step.row_slots, *self._rope_tables(step, self.dtype))
-        x = self._embed(ids.t())  # (1, b, hidden)
-        for layer, layer_kv in zip(self.layers, kv, strict=True):
-            if isinstance(layer.mlp, MoELayer):  # MoE layers run eagerly (``_moe``: host-sized expert batches)
-                x, h = self._moe_step(x, layer, inputs, layer_kv)
-                x = x + self._mlp(layer.mlp, h)
-            else:
-                x = self._dense_step(x, layer, inputs, layer_kv)
-        return self.logits(x)
 
     def _attention_step(
         self, x: Tensor, layer: torch.nn.Module, inputs: tuple[Tensor, ...], kv: tuple[Tensor, ...]
