@@ -79,12 +79,11 @@ def run_trainer_ranks(
 def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, read in a 1-process gloo group."""
     import torch.distributed as dist
-    from dist_utils import free_port
     from megatron.core import dist_checkpointing
 
     owner = not dist.is_initialized()
-    if owner:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if owner:  # port 0: the system picks a free port as the store binds it
+        dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, 1, is_master=True), rank=0, world_size=1)
     try:
         return dist_checkpointing.load_plain_tensors(str(checkpoint))
     finally:

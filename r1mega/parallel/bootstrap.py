@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +41,7 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    """0 for a single process with no MASTER_PORT: its store binds a port the system picks (see ``initialize``)."""
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -59,12 +59,6 @@ def first_slurm_host(nodelist: str) -> str:
     prefix, ranges, suffix = match.groups()
     start = ranges.split(",")[0].split("-")[0]
     return f"{prefix}{start}{suffix}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -90,7 +84,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             env.get("MASTER_ADDR") or first_slurm_host(nodelist),
             int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
         )
-    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()))
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or 0))
 
 
 PROCESS_GROUPS = ("tp", "pp", "cp", "ep", "expt_tp", "dp", "dp_cp", "expt_dp")
@@ -170,13 +164,22 @@ def initialize(cfg: R1Config, launch: LaunchEnv | None = None) -> ParallelContex
             # believes TE is present (its stand-in module imports); the same fixes the CPU path needs.
             cpu_compat.apply(force=True, only=list(cpu_compat.WITHOUT_TE))
     backend = cfg.parallel.backend or ("nccl" if cuda else "gloo")
-    if not dist.is_initialized():
+    timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
+    if not dist.is_initialized() and launch.master_port == 0:
+        # One process and no port given: the store listens on port 0, so the system picks a free port at bind.
+        # Choosing a free port first and binding it later lost a race in CI (EADDRINUSE: a connection in between
+        # took the port as its source port).
+        if launch.world_size != 1:
+            raise ValueError(f"{launch.world_size} processes need a MASTER_PORT to meet at")
+        store = dist.TCPStore(launch.master_addr, 0, 1, is_master=True, timeout=timeout)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+    elif not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=timedelta(minutes=cfg.parallel.timeout_minutes),
+            timeout=timeout,
         )
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -241,7 +244,7 @@ def destroy() -> None:
 @contextlib.contextmanager
 def single_process(cfg: R1Config) -> Iterator[ParallelContext]:
     """A one-process run (tests, tools): initialise, yield, tear down."""
-    ctx = initialize(cfg, LaunchEnv("single", 0, 1, 0, "127.0.0.1", _free_port()))
+    ctx = initialize(cfg, LaunchEnv("single", 0, 1, 0, "127.0.0.1", 0))
     try:
         yield ctx
     finally:
