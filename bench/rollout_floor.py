@@ -6,8 +6,14 @@
   ``batch * top_k / num_experts`` (the mean a routed expert sees) for routed experts. MLA's key/value
   up-projection counts once (the absorbed form multiplies by it per head, the same FLOPs). The MTP module and
   the embedding lookup are not matmuls of a plain decode step. ``floor tokens/s = batch / seconds per step``.
-- **Work floor**: the matmul floor of everything a side computes for its tokens, prefill included: the decode
-  floor's time for each generated token, plus the prompts' prefill matmuls (every weight times the prompt tokens
+- **Attention floor**: the attention's own matrix products in one decode step, against a cache allocated as the
+  engine's (one tensor per layer, so the step reads it from memory): per layer the scores (queries times the
+  cached keys) and the context (probabilities times the cached values) of every row at one attended length, and
+  nothing else (no softmax, no scaling, no cache writes). Their cost grows with the attended length and at
+  decode shapes is the read of the cache: work the matmul floor leaves out. Timed at two lengths and
+  interpolated (``at``) to the mean length the generated tokens attended.
+- **Work floor**: the floors of everything a side computes for its tokens, prefill included: the decode
+  floor's time for each generated token (weights and attention), plus the prompts' prefill matmuls (every weight times the prompt tokens
   of ``batch`` prompts at once, the output layer times their last positions only, as a prefill computes logits
   there). Every response costs a prefill that yields one token, so with short responses the decode floor alone
   leaves out a large part of the work every side has to do.
@@ -119,6 +125,91 @@ class PrefillFloor:
     def median(self) -> float:
         """Seconds for every prompt's prefill matmuls, the median measurement."""
         return statistics.median(self.seconds)
+
+
+class AttentionFloor:
+    """Times the attention matmuls of one decode step of ``batch`` rows (see the module docstring) at two attended
+    lengths, ``short`` and ``long``; ``at(length)`` interpolates the median times linearly between them (the
+    products' work is linear in the length). Shapes as the engine's decoder runs them: grouped-query attention
+    ``(b, groups, heads/groups, d) x (b, groups, d, S)`` then ``(b, groups, heads/groups, S) x (b, groups, S, d)``;
+    absorbed MLA ``(b, heads, r + dr) x (b, r + dr, S)`` then ``(b, heads, S) x (b, S, r)`` on the latent cache."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: int,
+        short: int,
+        long: int,
+        steps: int = 16,
+        clock: Any = time.perf_counter,
+    ) -> None:
+        from r1mega.rollout.kv_cache import KVCache
+
+        if not 0 < short < long:
+            raise ValueError(f"attended lengths must satisfy 0 < short < long, got {short}, {long}")
+        config, param = model.config, next(model.parameters())
+        self.batch, self.lengths, self.steps, self.clock = batch, (short, long), steps, clock
+        self.layers = config.num_layers
+        cache = KVCache(config, self.layers, batch, long, param.dtype, param.device)
+        gen = torch.Generator().manual_seed(0)
+        for t in cache.tensors():
+            t.copy_(torch.randn(t.shape, generator=gen))
+        heads = config.num_attention_heads
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen).to(param.device, param.dtype)
+
+        self.products: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        """Attended length -> every (activation, cache view) product of one step, layer by layer."""
+        for n in self.lengths:
+            products = []
+            if cache.layout.latent:
+                r = config.kv_lora_rank
+                q, p = rand(batch, heads, cache.layout.values_per_token), rand(batch, heads, n)
+                for latent in cache.latent:
+                    products += [(q, latent[:, :n].transpose(1, 2)), (p, latent[:, :n, :r])]
+            else:
+                groups = config.num_query_groups
+                q, p = rand(batch, groups, heads // groups, config.kv_channels), rand(batch, groups, heads // groups, n)
+                for k, v in zip(cache.keys, cache.values, strict=True):
+                    products += [(q, k[:, :, :n].transpose(-1, -2)), (p, v[:, :, :n])]
+            self.products[n] = products
+        self.bytes_per_position = batch * cache.layout.values_per_token * param.element_size() * self.layers
+        """Cache bytes one step reads per attended position (every row and layer)."""
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.lengths}
+        self._run(short, 2)  # warm-up
+        self._run(long, 2)
+
+    def _run(self, n: int, steps: int) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                for a, b in self.products[n]:
+                    torch.matmul(a, b)
+
+    def time(self) -> None:
+        """One measurement at each of the two lengths (``steps`` steps each)."""
+        for n in self.lengths:
+            _sync(self.products[n][0][0].device)
+            t0 = self.clock()
+            self._run(n, self.steps)
+            _sync(self.products[n][0][0].device)
+            self.seconds[n].append((self.clock() - t0) / self.steps)
+
+    def at(self, length: float) -> float:
+        """Seconds per step at a mean attended ``length``: the median times, interpolated linearly (and
+        extrapolated past the two lengths)."""
+        (a, b), (ta, tb) = self.lengths, (statistics.median(self.seconds[n]) for n in self.lengths)
+        return max(ta + (tb - ta) * (length - a) / (b - a), 0.0)
+
+
+def mean_attended(prompt_lengths: list[int], response_lengths: list[int]) -> float:
+    """The mean number of cached positions a generated token attends: a response of ``n`` tokens after a prompt
+    of ``p`` attends ``p + 1, ..., p + n`` (itself included), averaged over every generated token."""
+    tokens = sum(response_lengths)
+    if tokens == 0:
+        return 0.0
+    total = sum(n * p + n * (n + 1) / 2 for p, n in zip(prompt_lengths, response_lengths, strict=True))
+    return total / tokens
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 20) -> float:

@@ -18,10 +18,14 @@ default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps cost
 ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
 shapes). On the CPU, **r1mega compiled** and **CB compiled** are the same two loops with compiled decode
 steps (``RolloutEngine(compiled=True)``, ``grpo.rollout_compile``; ``--no-compiled`` leaves them out); their
-compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **work floor** adds the
-prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the decode floor's time for the tokens a side generated: the matmuls of all the work it did. Throughput counts generated
-(useful) tokens; the sides and the floors alternate over ``--rounds`` so a load change on a shared machine hits
-all of them, and medians are reported. The MoE+MLA model (DeepSeek-V3
+compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **step floor** adds the
+attention's matmuls against the cache (``rollout_floor.AttentionFloor``, at the mean length the CB side's tokens
+attended) to the floor's step: at decode shapes, the read of the cache, which the floor leaves out. The **work
+floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the step floor's time for the
+tokens a side generated: the matmuls of all the work it did. ``work floor / floor`` is then the most of the
+floor any side doing that work could reach. Throughput counts generated (useful) tokens; the sides and the
+floors alternate over ``--rounds`` so a load change on a shared machine hits all of them, and medians are
+reported. The MoE+MLA model (DeepSeek-V3
 shaped, hidden 512) gets the same table without HF.
 
 With ``--mtp-checkpoint``/``--mtp-data`` (defaults: the tiny pipeline's cold-start SFT, when present) it also
@@ -54,7 +58,7 @@ import warnings
 from typing import Any
 
 import torch
-from rollout_floor import MatmulFloor, PrefillFloor, copy_bandwidth, decode_floor
+from rollout_floor import AttentionFloor, MatmulFloor, PrefillFloor, copy_bandwidth, decode_floor, mean_attended
 
 QWEN = [
     "model=qwen2_tiny",
@@ -261,22 +265,26 @@ def measure(
     if args.device == "cuda" and hf is not None and not varied:
         engines["r1mega_graphs"] = RolloutEngine([model], cuda_graphs=True)
 
-    def default_loop(engine: Any) -> int:
-        return sum(len(c.token_ids) for chunk in _chunks(prompts, batch) for c in engine.generate(chunk, params))
+    # Each run returns the length of every response, in the prompts' order.
+    def default_loop(engine: Any) -> list[int]:
+        return [len(c.token_ids) for chunk in _chunks(prompts, batch) for c in engine.generate(chunk, params)]
 
-    def one_call(engine: Any) -> int:  # continuous batching: every prompt in one call
-        return sum(len(c.token_ids) for c in engine.generate(prompts, params))
+    def one_call(engine: Any) -> list[int]:  # continuous batching: every prompt in one call
+        return [len(c.token_ids) for c in engine.generate(prompts, params)]
 
     runs: dict[str, Any] = {k: (lambda e=e: (one_call if e.max_batch else default_loop)(e)) for k, e in engines.items()}
     if hf is not None:
-        runs["hf"] = lambda: sum(
+        runs["hf"] = lambda: [
             _length(row, stop)
             for chunk in _chunks(prompts, batch)
             for row in _hf_generate(hf, chunk, args.new_tokens, True, stop)
-        )
+        ]
     warmup: dict[str, float] = {}
+    prompt_lengths = [len(p) for p in prompts]
     floor = MatmulFloor(model, batch, clock=_clock(args))
-    prefill = PrefillFloor(model, [len(p) for p in prompts], batch, clock=_clock(args))
+    prefill = PrefillFloor(model, prompt_lengths, batch, clock=_clock(args))
+    mean_prompt = round(statistics.mean(prompt_lengths))
+    attention = AttentionFloor(model, batch, mean_prompt, args.prompt_max + args.new_tokens, clock=_clock(args))
     if args.device == "cuda":
         for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
             fn()
@@ -291,27 +299,44 @@ def measure(
             _hf_generate(hf, prompts[:2], 4, True)
     seconds: dict[str, list[float]] = {k: [] for k in runs}
     tokens: dict[str, list[int]] = {k: [] for k in runs}
-    for _ in range(args.rounds):  # the sides and the floor alternate so a load change hits all of them
-        for k, fn in runs.items():
-            seconds[k].append(_time(lambda fn=fn, k=k: tokens[k].append(fn()), _clock(args)))
+    rows: dict[str, list[int]] = {}  # each side's response lengths (its last run)
+
+    def run(k: str) -> None:
+        rows[k] = runs[k]()
+        tokens[k].append(sum(rows[k]))
+
+    for _ in range(args.rounds):  # the sides and the floors alternate so a load change hits all of them
+        for k in runs:
+            seconds[k].append(_time(lambda k=k: run(k), _clock(args)))
             floor.time()
+            attention.time()
         prefill.time()
     tok_s = {k: 1 / statistics.median(t / n for t, n in zip(seconds[k], tokens[k], strict=True)) for k in runs}
-    # The work floor of a side: the decode floor's time for each token it generated plus every prompt's prefill.
-    work_s = {k: statistics.median(tokens[k]) / floor.tok_s + prefill.median for k in runs}
+    # A side's step floor: the weights' matmuls of a step plus its attention's at the mean length its tokens
+    # attended; its work floor: the step floor's time for each token it generated plus every prompt's prefill.
+    attended = {k: mean_attended(prompt_lengths, rows[k]) for k in runs}
+    step_s = {k: statistics.median(floor.seconds) + attention.at(attended[k]) for k in runs}
+    work_s = {k: statistics.median(tokens[k]) * step_s[k] / batch + prefill.median for k in runs}
     work_of = {k: work_s[k] * tok_s[k] / statistics.median(tokens[k]) for k in runs}
+    long = attention.lengths[1]
     out: dict[str, Any] = {
         "batch": batch, "lengths": lengths, "prompts": len(prompts), "floor_tok_s": floor.tok_s,
         "floor_gflop_s": floor.flops * floor.tok_s / batch / 1e9,
         "mean_length": {k: statistics.mean(tokens[k]) / len(prompts) for k in runs},
+        "mean_attended": attended,
         **{f"{k}_tok_s": v for k, v in tok_s.items()},
         **{f"{k}_of_floor": v / floor.tok_s for k, v in tok_s.items()},
         "prefill_floor_s": prefill.median,
+        "attention_floor_s": attention.at(attended["r1mega_cb"]),
+        "attention_floor_gb_s": attention.bytes_per_position * long / attention.at(long) / 1e9,
+        "step_floor_tok_s": batch / step_s["r1mega_cb"],
         "work_floor_tok_s": statistics.median(tokens["r1mega_cb"]) / work_s["r1mega_cb"],
         "compile_warmup_s": warmup,
         **{f"{k}_of_work_floor": v for k, v in work_of.items()},
         "seconds": seconds,
     }  # fmt: skip
+    # The most of the floor a side could reach doing the CB side's work at the work floor (the target's ceiling).
+    out["ceiling_of_floor"] = out["work_floor_tok_s"] / floor.tok_s
     if hf is not None:
         out["cb_vs_hf"], out["r1mega_vs_hf"] = tok_s["r1mega_cb"] / tok_s["hf"], tok_s["r1mega"] / tok_s["hf"]
     if "r1mega_graphs" in engines:
@@ -419,7 +444,7 @@ def moe_mla(args: argparse.Namespace) -> dict[str, Any]:
 # ---- report -------------------------------------------------------------------------------------------------
 
 
-SIDES = ("r1mega", "r1mega_compiled", "r1mega_cb", "r1mega_cb_compiled", "hf", "floor", "work_floor")
+SIDES = ("r1mega", "r1mega_compiled", "r1mega_cb", "r1mega_cb_compiled", "hf", "floor", "step_floor", "work_floor")
 """The tokens/s columns of the table, in order."""
 
 
@@ -436,13 +461,14 @@ def table(results: dict[str, Any]) -> str:
         return f"{c[a] / c[b]:.2f}x" if a in c and b in c else "-"
 
     speed = [
-        "| model | batch | lengths | r1mega | r1mega compiled | CB | CB compiled | HF | floor | work floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | lengths | r1mega | r1mega compiled | CB | CB compiled | HF | floor | step floor | work floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shares = [
         "| model | batch | lengths | r1mega / floor | r1mega compiled / floor | CB / floor | CB compiled / floor "
-        "| HF / floor | CB compiled / work floor | CB / HF | CB compiled / HF | compiled / eager (CB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| HF / floor | work floor / floor | CB compiled / work floor | CB / HF | CB compiled / HF "
+        "| compiled / eager (CB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, name in (("dense", "dense"), ("moe_mla", "MoE+MLA")):
         for c in results.get(key, {}).get("cells", []):
@@ -450,7 +476,8 @@ def table(results: dict[str, Any]) -> str:
             speed.append("| " + " | ".join(head + [num(c, f"{k}_tok_s") for k in SIDES]) + " |")
             shares.append("| " + " | ".join(head + [
                 pct(c, "r1mega_of_floor"), pct(c, "r1mega_compiled_of_floor"), pct(c, "r1mega_cb_of_floor"),
-                pct(c, "r1mega_cb_compiled_of_floor"), pct(c, "hf_of_floor"), pct(c, "r1mega_cb_compiled_of_work_floor"),
+                pct(c, "r1mega_cb_compiled_of_floor"), pct(c, "hf_of_floor"), pct(c, "ceiling_of_floor"),
+                pct(c, "r1mega_cb_compiled_of_work_floor"),
                 ratio(c, "r1mega_cb_tok_s", "hf_tok_s"), ratio(c, "r1mega_cb_compiled_tok_s", "hf_tok_s"),
                 ratio(c, "r1mega_cb_compiled_tok_s", "r1mega_cb_tok_s")]) + " |")  # fmt: skip
     return "tokens/s\n\n" + "\n".join(speed) + "\n\nshares of the floors and ratios\n\n" + "\n".join(shares)

@@ -1,4 +1,4 @@
-"""The matmul floors of ``bench/rollout_floor.py`` count the products a decode step and a prefill really do."""
+"""The floors of ``bench/rollout_floor.py`` count the products a decode step and a prefill really do."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from r1mega.models.builder import build_model
 from r1mega.parallel.bootstrap import single_process
 
 sys.path.insert(0, str(BENCH_DIR))
-from rollout_floor import PrefillFloor, decode_matmuls  # noqa: E402
+from rollout_floor import AttentionFloor, PrefillFloor, decode_matmuls, mean_attended  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["qwen2_tiny", "llama_tiny", "dsv3_tiny"])
@@ -46,3 +46,50 @@ def test_decode_and_prefill_matmuls(name: str) -> None:
         floor = PrefillFloor(model, [5, 7, 9], batch=2)  # two prefills: 12 tokens of 2 prompts, 9 tokens of 1
         assert [(f.batch, len(f.pairs)) for f in floor.floors] == [(12, len(decode)), (9, len(decode))]
         assert floor.time() > 0 and floor.median > 0
+
+
+@pytest.mark.parametrize("name", ["qwen2_tiny", "dsv3_tiny"])
+def test_attention_floor_multiplies_what_the_decoder_does(name: str) -> None:
+    """Per layer, the scores and the context against the cache tensors the engine allocates, at each attended
+    length: the same shapes and products as ``CachedDecoder._gqa`` / ``_mla`` (absorbed) on one token per row."""
+    cfg = compose_config([f"model={name}", "model.mtp_num_layers=0"] if name == "dsv3_tiny" else [f"model={name}"])
+    with single_process(cfg):
+        model = build_model(cfg)[0]
+        c = model.config
+        floor = AttentionFloor(model, batch=3, short=5, long=11, steps=1)
+        for n in (5, 11):
+            products = floor.products[n]
+            assert len(products) == 2 * c.num_layers
+            for (q, keys), (p, values) in zip(products[::2], products[1::2], strict=True):
+                if name == "dsv3_tiny":  # the latent cache: (b, S, r + dr)
+                    width = c.kv_lora_rank + c.qk_pos_emb_head_dim
+                    assert q.shape == (3, c.num_attention_heads, width) and keys.shape == (3, width, n)
+                    assert p.shape == (3, c.num_attention_heads, n) and values.shape == (3, n, c.kv_lora_rank)
+                else:  # K and V: (b, groups, S, d)
+                    g, d = c.num_query_groups, c.kv_channels
+                    assert q.shape == (3, g, c.num_attention_heads // g, d) and keys.shape == (3, g, d, n)
+                    assert p.shape == (3, g, c.num_attention_heads // g, n) and values.shape == (3, g, n, d)
+                assert keys.data_ptr() != values.data_ptr() or name == "dsv3_tiny"
+        ptrs = {keys.untyped_storage().data_ptr() for _, keys in floor.products[11][::2]}
+        assert len(ptrs) == c.num_layers  # one cache tensor per layer, read from memory as the engine's
+        floor.time()
+        assert floor.at(5) > 0 and floor.at(11) > 0
+        per_position = (floor.at(11) - floor.at(5)) / 6
+        assert floor.at(8) == pytest.approx(floor.at(5) + 3 * per_position)
+        assert floor.bytes_per_position == 3 * c.num_layers * _values_per_token(c) * 4
+
+
+def _values_per_token(c) -> int:
+    if getattr(c, "kv_lora_rank", None):
+        return c.kv_lora_rank + c.qk_pos_emb_head_dim
+    return 2 * c.num_query_groups * c.kv_channels
+
+
+def test_attention_floor_lengths_and_mean_attended() -> None:
+    with pytest.raises(ValueError, match="0 < short < long"):
+        AttentionFloor(None, 1, 8, 8)  # type: ignore[arg-type]
+    # a response of n tokens after a prompt of p attends p + 1, ..., p + n
+    assert mean_attended([10], [1]) == 11
+    assert mean_attended([10, 4], [3, 0]) == (11 + 12 + 13) / 3
+    assert mean_attended([10, 20], [2, 2]) == (11 + 12 + 21 + 22) / 4
+    assert mean_attended([7], [0]) == 0.0
