@@ -147,13 +147,60 @@ def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
 
 
+CDF_BLOCK = 64
+"""Tokens per block of ``BlockCDF``."""
+
+
+class BlockCDF:
+    """The cumulative distribution of ``weights`` (n, V) >= 0, not necessarily normalised, in two levels: the
+    sums of blocks of ``CDF_BLOCK`` tokens and their cumulative sums (float64). A draw finds its block among
+    V / 64, then its token among the block's 64, so the vocabulary is read once (the block sums) instead of
+    converted to float64 and summed cumulatively (two passes and a (n, V) float64 tensor per step)."""
+
+    def __init__(self, weights: Tensor, sums: Tensor | None = None, cdf: Tensor | None = None) -> None:
+        self.weights = weights
+        if sums is None:
+            vocab = weights.shape[-1]
+            full = vocab // CDF_BLOCK * CDF_BLOCK
+            # Block sums in the weights' dtype (64 terms each; sum(dtype=float64) would first copy every weight to
+            # float64), accumulated across blocks in float64.
+            parts = [weights[:, :full].unflatten(1, (-1, CDF_BLOCK)).sum(dim=-1)] if full else []
+            if full < vocab:
+                parts.append(weights[:, full:].sum(dim=-1, keepdim=True))
+            sums = (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).double()  # (n, blocks)
+        self.sums = sums
+        self.cdf = sums.cumsum(dim=-1) if cdf is None else cdf  # (n, blocks)
+
+    @property
+    def total(self) -> Tensor:
+        """(n,) float64: each row's total weight."""
+        return self.cdf[:, -1]
+
+    def rows(self, rows: Tensor) -> BlockCDF:
+        """The distributions of ``rows`` only."""
+        return BlockCDF(self.weights[rows], self.sums[rows], self.cdf[rows])
+
+    def draw(self, u: Tensor) -> Tensor:
+        """One token per row for uniforms ``u`` (n,): the first token whose cumulative weight exceeds ``u``
+        times the row's total (never a token of weight 0). Returns (n,) int64."""
+        w, vocab = self.weights, self.weights.shape[-1]
+        target = (u.to(self.cdf.device, torch.float64) * self.total)[:, None]  # (n, 1)
+        block = torch.searchsorted(self.cdf, target, right=True).clamp(max=self.cdf.shape[-1] - 1)  # (n, 1)
+        before = self.cdf.gather(-1, block) - self.sums.gather(-1, block)  # (n, 1) weight of the blocks before
+        idx = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=w.device)  # (n, 64) the block's tokens
+        inner = w.gather(-1, idx.clamp(max=vocab - 1)).double() * (idx < vocab)  # (n, 64), 0 past the vocabulary
+        k = torch.searchsorted(inner.cumsum(dim=-1), (target - before).clamp(min=0), right=True)  # (n, 1)
+        # Rounding between the block sum and the in-block cumulative sum may put the target past the block's
+        # last token: take the last token of positive weight then.
+        last = (inner > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # the first of the maximal counts
+        return idx.gather(-1, torch.minimum(k, last)).squeeze(-1)
+
+
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     """One token per row drawn from ``probs`` (b, V), not necessarily normalised, with uniforms ``u`` (b,):
-    the first token whose cumulative probability exceeds ``u`` times the row's total. Tokens of probability 0
-    are never drawn. Returns (b,) int64."""
-    cdf = probs.double().cumsum(dim=-1)  # (b, V)
-    target = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (b, 1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    the first token whose cumulative probability exceeds ``u`` times the row's total (``BlockCDF``). Tokens of
+    probability 0 are never drawn. Returns (b,) int64."""
+    return BlockCDF(probs).draw(u)
 
 
 def logprob_of(logits: Tensor, tokens: Tensor, params: SamplingParams) -> Tensor:
@@ -187,22 +234,25 @@ def _draw(logits: Tensor, params: SamplingParams, uniforms: Uniforms) -> tuple[T
     if params.greedy:
         tokens = logits.argmax(dim=-1)  # (b,)
         return tokens, logprob_of(logits, tokens, params)
-    scaled = logits / params.temperature  # (b, V)
-    vocab = scaled.shape[-1]
-    rows = torch.arange(scaled.shape[0], device=scaled.device)
+    t, vocab = params.temperature, logits.shape[-1]
+    rows = torch.arange(logits.shape[0], device=logits.device)
     if 0 < params.top_k < vocab:
+        scaled = logits / t  # (b, V)
         lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
         tokens = _sample_sorted(scaled, lse, params, uniforms, rows, params.top_k)
-    else:  # one exp pass serves the draw and the log-probability
-        peak = scaled.amax(dim=-1, keepdim=True)  # (b, 1)
-        weights = (scaled - peak).exp_()  # (b, V) unnormalised probabilities
-        total = weights.sum(dim=-1, keepdim=True)  # (b, 1)
-        lse = peak + total.log()
-        if params.top_p < 1.0:
-            tokens = _sample_nucleus(scaled, lse, weights, total, params, uniforms, rows)
-        else:
-            tokens = inverse_cdf(weights, uniforms(rows, STREAM_SAMPLE))
-    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
+        return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
+    # One (b, V) tensor, the unnormalised probabilities, serves the draw and the log-probability: every pass over
+    # the vocabulary reads the logits or writes in place (a large new tensor costs a page fault per 4 KiB on the
+    # CPU, and a pass each).
+    peak = logits.amax(dim=-1, keepdim=True)  # (b, 1)
+    weights = (logits - peak).div_(t).exp_()  # (b, V) = exp(logits / T - max), unnormalised
+    cdf = BlockCDF(weights)
+    lse = peak / t + cdf.total.to(logits.dtype).log()[:, None]  # (b, 1) log-sum-exp of logits / T
+    if params.top_p < 1.0:
+        tokens = _sample_nucleus(logits, lse, cdf, params, uniforms, rows)
+    else:
+        tokens = cdf.draw(uniforms(rows, STREAM_SAMPLE))
+    return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) / t - lse.squeeze(-1)
 
 
 def _sample_sorted(
@@ -223,33 +273,28 @@ def _sample_sorted(
 
 
 def _sample_nucleus(
-    scaled: Tensor,
-    lse: Tensor,
-    weights: Tensor,
-    total: Tensor,
-    params: SamplingParams,
-    uniforms: Uniforms,
-    rows: Tensor,
+    logits: Tensor, lse: Tensor, cdf: BlockCDF, params: SamplingParams, uniforms: Uniforms, rows: Tensor
 ) -> Tensor:
-    """Top-p by rejection: draw from the full distribution (``weights`` (b, V), unnormalised, summing to
-    ``total`` (b, 1)), keep tokens inside the nucleus. ``rows``: ``arange(b)``. Returns (b,)."""
-    cdf = weights.double().cumsum(dim=-1)  # (b, V)
-    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
+    """Top-p by rejection: draw from the full distribution (``cdf``: of the unnormalised probabilities), keep
+    tokens inside the nucleus. ``rows``: ``arange(b)``. Returns (b,)."""
+    every, tokens = cdf, torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     todo = rows  # rows still drawing
-    p, c, bound = weights, cdf, total[:, 0] * params.top_p  # bound: top_p of each row's mass
+    bound = cdf.total * params.top_p  # top_p of each row's mass
     for attempt in range(NUCLEUS_TRIES):
         stream = STREAM_SAMPLE if attempt == 0 else STREAM_RETRY + attempt
-        u = uniforms(todo, stream).to(c.device)  # (n,)
-        tok = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp(max=p.shape[-1] - 1)  # (n, 1)
-        before = torch.where(p > p.gather(-1, tok), p, 0.0).sum(dim=-1)  # (n,) mass of more likely tokens
+        tok = cdf.draw(uniforms(todo, stream))  # (n,)
+        p = cdf.weights
+        # (n,) mass of the more likely tokens (a mask product: torch.where with a scalar is twice as slow on CPU)
+        before = (p * (p > p.gather(-1, tok[:, None]))).sum(dim=-1)
         inside = before < bound
-        tokens[todo[inside]] = tok[inside, 0]
+        tokens[todo[inside]] = tok[inside]
         todo = todo[~inside]
         if todo.numel() == 0:
             return tokens
-        p, c, bound = weights[todo], cdf[todo], bound[~inside]
+        cdf, bound = every.rows(todo), bound[~inside]
     # Rows still drawing (a tiny top_p): sort.
-    tokens[todo] = _sample_sorted(scaled[todo], lse[todo], params, uniforms, todo, scaled.shape[-1])
+    scaled = logits[todo] / params.temperature
+    tokens[todo] = _sample_sorted(scaled, lse[todo], params, uniforms, todo, scaled.shape[-1])
     return tokens
 
 

@@ -11,6 +11,7 @@ from r1mega.rollout.sampling import (
     STREAM_DRAFT,
     STREAM_RESIDUAL,
     STREAM_SAMPLE,
+    BlockCDF,
     SamplingParams,
     filter_logits,
     inverse_cdf,
@@ -87,6 +88,35 @@ def test_inverse_cdf_hand_values():
     assert inverse_cdf(probs, torch.tensor([0.49, 0.49])).tolist() == [0, 2]
     assert inverse_cdf(probs, torch.tensor([0.5, 0.5])).tolist() == [2, 3]  # never the zero-probability token 1
     assert inverse_cdf(probs, torch.tensor([0.99, 0.0])).tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 200, 8192])
+def test_block_cdf_draws_what_the_flat_cumulative_sum_draws(vocab):
+    """The two-level draw (block sums, then the block's 64 tokens) picks the token the float64 cumulative sum over
+    the whole vocabulary picks, for the same uniforms, with whole blocks and single tokens of weight 0 and a
+    vocabulary that is not a multiple of the block; a token of weight 0 is never drawn."""
+    g = torch.Generator().manual_seed(vocab)
+    w = torch.rand(6, vocab, generator=g) ** 4
+    w[w < 0.05] = 0.0
+    w[1, : vocab // 2] = 0.0  # half a row (whole blocks) of weight 0
+    w[2, :] = 0.0
+    w[2, -1] = 3.0  # all the weight on the last token, past the last whole block
+    u = torch.cat(
+        [torch.rand(4000, generator=g, dtype=torch.float64), torch.tensor([0.0, 1 - 2**-32], dtype=torch.float64)]
+    )
+    rows = torch.arange(6).repeat_interleave(len(u) // 6 + 1)[: len(u)]
+    flat = w[rows].double().cumsum(dim=-1)
+    expected = torch.searchsorted(flat, (u * flat[:, -1])[:, None], right=True).squeeze(-1)
+    drawn = BlockCDF(w[rows]).draw(u)
+    assert (w[rows].gather(-1, drawn[:, None]) > 0).all()
+    assert (drawn == expected.clamp(max=vocab - 1)).float().mean().item() == 1.0
+    assert (drawn[rows == 2] == vocab - 1).all()
+    block = BlockCDF(w)
+    assert block.total.tolist() == pytest.approx(w.double().sum(dim=-1).tolist())
+    assert block.rows(torch.tensor([2, 0])).draw(torch.tensor([0.5, 0.0])).tolist() == [
+        vocab - 1,
+        int((w[0] > 0).nonzero()[0]),
+    ]
 
 
 def test_sampling_probs_truncate_and_renormalise():
