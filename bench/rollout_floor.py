@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from typing import Any
@@ -35,22 +36,29 @@ from torch import Tensor
 def decode_matmuls(model: torch.nn.Module, batch: int, head_rows: int | None = None) -> list[tuple[int, Tensor]]:
     """(tokens, weight) for every weight matrix product of one decode step of ``batch`` rows; with ``head_rows``,
     of a prefill of ``batch`` prompt tokens whose logits are computed at ``head_rows`` positions."""
+    return [(n, w) for _, n, w in named_decode_matmuls(model, batch, head_rows)]
+
+
+def named_decode_matmuls(
+    model: torch.nn.Module, batch: int, head_rows: int | None = None
+) -> list[tuple[str, int, Tensor]]:
+    """``decode_matmuls`` with each weight's parameter name, in the model's order."""
     config = model.config
     experts, top_k = config.num_moe_experts or 1, config.moe_router_topk
     routed = max(round(batch * top_k / experts), 1)
     head = batch if head_rows is None else head_rows
-    out: list[tuple[int, Tensor]] = []
+    out: list[tuple[str, int, Tensor]] = []
     for name, p in model.named_parameters():
         if p.dim() != 2 or name.startswith("mtp."):
             continue
         if name == "embedding.word_embeddings.weight":  # a lookup; a matmul only as the tied output layer
             if model.share_embeddings_and_output_weights:
-                out.append((head, p))
+                out.append((name, head, p))
             continue
         if name == "output_layer.weight":
-            out.append((head, p))
+            out.append((name, head, p))
             continue
-        out.append((routed if ".local_experts." in name else batch, p))
+        out.append((name, routed if ".local_experts." in name else batch, p))
     return out
 
 
@@ -73,12 +81,15 @@ class MatmulFloor:
     ) -> None:
         self.batch, self.steps, self.clock = batch, steps, clock
         gen = torch.Generator().manual_seed(0)
-        matmuls = decode_matmuls(model, batch, head_rows)
+        named = named_decode_matmuls(model, batch, head_rows)
+        matmuls = [(n, w) for _, n, w in named]
         inputs: dict[tuple[int, int], Tensor] = {}  # one activation per shape (a prefill's are large)
         for n, w in matmuls:
             if (n, w.shape[1]) not in inputs:
                 inputs[n, w.shape[1]] = torch.randn(n, w.shape[1], generator=gen).to(w.device, w.dtype)
         self.pairs = [(inputs[n, w.shape[1]], w.detach()) for n, w in matmuls]
+        self.names = [name for name, _, _ in named]
+        """Each product's weight, by parameter name."""
         self.device = self.pairs[0][1].device
         self.flops = sum(2 * n * w.numel() for n, w in matmuls)
         """FLOPs of one floor step."""
@@ -198,6 +209,65 @@ class AttentionFloor:
     def at(self, length: float) -> float:
         """Seconds per step at a mean attended ``length``: the median times, interpolated linearly (and
         extrapolated past the two lengths)."""
+        (a, b), (ta, tb) = self.lengths, (statistics.median(self.seconds[n]) for n in self.lengths)
+        return max(ta + (tb - ta) * (length - a) / (b - a), 0.0)
+
+
+class StepFloor:
+    """Times one decode step's matrix products in the order the step runs them: per layer, its attention's
+    input projections, the attention's products against the cache (``AttentionFloor``'s), its output
+    projection and its MLP's weights; then the output layer. At ``attention``'s two lengths; ``at(length)``
+    interpolates. The same products as ``MatmulFloor`` plus ``AttentionFloor``, but not back to back: between
+    a layer's weights the step reads its cache, which leaves fewer of the next weights in the processor's
+    caches (on 2 CPU cores the weights' products ran ~20% slower interleaved)."""
+
+    def __init__(self, weights: MatmulFloor, attention: AttentionFloor) -> None:
+        layers: dict[int, tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]] = {}
+        rest: list[tuple[Tensor, Tensor]] = []
+        for name, pair in zip(weights.names, weights.pairs, strict=True):
+            match = re.match(r"decoder\.layers\.(\d+)\.", name)
+            if match is None:
+                rest.append(pair)
+                continue
+            before, after = layers.setdefault(int(match.group(1)), ([], []))
+            inputs = ".self_attention." in name and ".linear_proj." not in name
+            (before if inputs else after).append(pair)
+        if len(layers) != attention.layers:
+            raise ValueError(f"{len(layers)} layers of weights but {attention.layers} of attention")
+        self.lengths, self.steps, self.clock = attention.lengths, weights.steps, weights.clock
+        self.products: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for n in self.lengths:
+            att = attention.products[n]
+            self.products[n] = [
+                pair
+                for i, (before, after) in enumerate(layers[k] for k in sorted(layers))
+                for pair in (*before, *att[2 * i : 2 * i + 2], *after)
+            ] + rest
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.lengths}
+        for n in self.lengths:
+            self._run(n, 2)  # warm-up
+
+    def _run(self, n: int, steps: int) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                for a, b in self.products[n]:
+                    if a.dim() == 2 and b.dim() == 2:
+                        F.linear(a, b)  # a weight: (tokens, in) x (out, in)^T
+                    else:
+                        torch.matmul(a, b)
+
+    def time(self) -> None:
+        """One measurement at each of the two lengths (``steps`` steps each)."""
+        for n in self.lengths:
+            device = self.products[n][0][0].device
+            _sync(device)
+            t0 = self.clock()
+            self._run(n, self.steps)
+            _sync(device)
+            self.seconds[n].append((self.clock() - t0) / self.steps)
+
+    def at(self, length: float) -> float:
+        """Seconds per step at a mean attended ``length`` (linear between the two lengths' median times)."""
         (a, b), (ta, tb) = self.lengths, (statistics.median(self.seconds[n]) for n in self.lengths)
         return max(ta + (tb - ta) * (length - a) / (b - a), 0.0)
 

@@ -18,9 +18,11 @@ default dynamic cache, ``attn_implementation="sdpa"``; a finished row keeps cost
 ends) and the **floor** (``rollout_floor.MatmulFloor``: the decode step's weight matmuls alone at the same
 shapes). On the CPU, **r1mega compiled** and **CB compiled** are the same two loops with compiled decode
 steps (``RolloutEngine(compiled=True)``, ``grpo.rollout_compile``; ``--no-compiled`` leaves them out); their
-compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **step floor** adds the
-attention's matmuls against the cache (``rollout_floor.AttentionFloor``, at the mean length the CB side's tokens
-attended) to the floor's step: at decode shapes, the read of the cache, which the floor leaves out. The **work
+compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **step floor**
+(``rollout_floor.StepFloor``) is a step's matmuls in the step's order: each layer's weights with its attention's
+products against the cache between them (``rollout_floor.AttentionFloor``, at the mean length the CB side's
+tokens attended): the read of the cache, which the floor leaves out, and what it costs the weights' products
+that follow it. The **work
 floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the step floor's time for the
 tokens a side generated: the matmuls of all the work it did. ``work floor / floor`` is then the most of the
 floor any side doing that work could reach. Throughput counts generated (useful) tokens; the sides and the
@@ -58,7 +60,15 @@ import warnings
 from typing import Any
 
 import torch
-from rollout_floor import AttentionFloor, MatmulFloor, PrefillFloor, copy_bandwidth, decode_floor, mean_attended
+from rollout_floor import (
+    AttentionFloor,
+    MatmulFloor,
+    PrefillFloor,
+    StepFloor,
+    copy_bandwidth,
+    decode_floor,
+    mean_attended,
+)
 
 QWEN = [
     "model=qwen2_tiny",
@@ -285,6 +295,7 @@ def measure(
     prefill = PrefillFloor(model, prompt_lengths, batch, clock=_clock(args))
     mean_prompt = round(statistics.mean(prompt_lengths))
     attention = AttentionFloor(model, batch, mean_prompt, args.prompt_max + args.new_tokens, clock=_clock(args))
+    step = StepFloor(floor, attention)
     if args.device == "cuda":
         for fn in runs.values():  # warm-up: CUDA graphs captured, kernels and allocator warmed
             fn()
@@ -310,12 +321,14 @@ def measure(
             seconds[k].append(_time(lambda k=k: run(k), _clock(args)))
             floor.time()
             attention.time()
+            step.time()
         prefill.time()
     tok_s = {k: 1 / statistics.median(t / n for t, n in zip(seconds[k], tokens[k], strict=True)) for k in runs}
-    # A side's step floor: the weights' matmuls of a step plus its attention's at the mean length its tokens
-    # attended; its work floor: the step floor's time for each token it generated plus every prompt's prefill.
+    # A side's step floor: a step's matmuls, the weights' and the attention's, in the step's order, at the mean
+    # length its tokens attended; its work floor: the step floor's time for each token it generated plus every
+    # prompt's prefill.
     attended = {k: mean_attended(prompt_lengths, rows[k]) for k in runs}
-    step_s = {k: statistics.median(floor.seconds) + attention.at(attended[k]) for k in runs}
+    step_s = {k: step.at(attended[k]) for k in runs}
     work_s = {k: statistics.median(tokens[k]) * step_s[k] / batch + prefill.median for k in runs}
     work_of = {k: work_s[k] * tok_s[k] / statistics.median(tokens[k]) for k in runs}
     long = attention.lengths[1]
@@ -328,6 +341,8 @@ def measure(
         **{f"{k}_of_floor": v / floor.tok_s for k, v in tok_s.items()},
         "prefill_floor_s": prefill.median,
         "attention_floor_s": attention.at(attended["r1mega_cb"]),
+        "step_floor_s": step_s["r1mega_cb"],
+        "weights_and_attention_apart_s": statistics.median(floor.seconds) + attention.at(attended["r1mega_cb"]),
         "attention_floor_gb_s": attention.bytes_per_position * long / attention.at(long) / 1e9,
         "step_floor_tok_s": batch / step_s["r1mega_cb"],
         "work_floor_tok_s": statistics.median(tokens["r1mega_cb"]) / work_s["r1mega_cb"],

@@ -12,7 +12,14 @@ from r1mega.models.builder import build_model
 from r1mega.parallel.bootstrap import single_process
 
 sys.path.insert(0, str(BENCH_DIR))
-from rollout_floor import AttentionFloor, PrefillFloor, decode_matmuls, mean_attended  # noqa: E402
+from rollout_floor import (  # noqa: E402
+    AttentionFloor,
+    MatmulFloor,
+    PrefillFloor,
+    StepFloor,
+    decode_matmuls,
+    mean_attended,
+)
 
 
 @pytest.mark.parametrize("name", ["qwen2_tiny", "llama_tiny", "dsv3_tiny"])
@@ -93,3 +100,32 @@ def test_attention_floor_lengths_and_mean_attended() -> None:
     assert mean_attended([10, 4], [3, 0]) == (11 + 12 + 13) / 3
     assert mean_attended([10, 20], [2, 2]) == (11 + 12 + 21 + 22) / 4
     assert mean_attended([7], [0]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["qwen2_tiny", "dsv3_tiny"])
+def test_step_floor_runs_a_steps_products_in_its_order(name: str) -> None:
+    """Every product of the matmul floor and of the attention floor, once each: per layer its attention's input
+    projections, its two attention products, then its output projection and MLP; the output layer last."""
+    cfg = compose_config([f"model={name}", "model.mtp_num_layers=0"] if name == "dsv3_tiny" else [f"model={name}"])
+    with single_process(cfg):
+        model = build_model(cfg)[0]
+        weights = MatmulFloor(model, 4, steps=1)
+        attention = AttentionFloor(model, 4, 3, 9, steps=1)
+        step = StepFloor(weights, attention)
+        name_of = {id(w): n for n, w in zip(weights.names, (w for _, w in weights.pairs), strict=True)}
+        for n in (3, 9):
+            seq = step.products[n]
+            assert sorted(map(id, (b for _, b in seq))) == sorted(
+                [id(w) for _, w in weights.pairs] + [id(b) for _, b in attention.products[n]]
+            )
+            labels = [name_of.get(id(b), "attention") for _, b in seq]
+            assert labels[-1] in ("output_layer.weight", "embedding.word_embeddings.weight")
+            for layer in range(model.config.num_layers):
+                mine = [i for i, label in enumerate(labels) if label.startswith(f"decoder.layers.{layer}.")]
+                att = [i for i in range(mine[0], mine[-1]) if labels[i] == "attention"]
+                assert len(att) == 2 and att[1] == att[0] + 1  # scores, then context
+                for i in mine:
+                    inputs = ".self_attention." in labels[i] and ".linear_proj." not in labels[i]
+                    assert (i < att[0]) == inputs, labels[i]
+        step.time()
+        assert step.at(3) > 0 and step.at(9) > 0 and step.at(6) == pytest.approx((step.at(3) + step.at(9)) / 2)
