@@ -245,7 +245,7 @@ def _draw(logits: Tensor, params: SamplingParams, uniforms: Uniforms) -> tuple[T
     # the vocabulary reads the logits or writes in place (a large new tensor costs a page fault per 4 KiB on the
     # CPU, and a pass each).
     peak = logits.amax(dim=-1, keepdim=True)  # (b, 1)
-    weights = (logits - peak).div_(t).exp_()  # (b, V) = exp(logits / T - max), unnormalised
+    weights = (logits - peak).div_(t).exp_()  # (b, V) = exp((logits - max) / T), unnormalised
     cdf = BlockCDF(weights)
     lse = peak / t + cdf.total.to(logits.dtype).log()[:, None]  # (b, 1) log-sum-exp of logits / T
     if params.top_p < 1.0:
