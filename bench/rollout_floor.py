@@ -138,10 +138,50 @@ class PrefillFloor:
         return statistics.median(self.seconds)
 
 
-class AttentionFloor:
+class _PerLength:
+    """A floor timed at two attended lengths: ``products[length]`` is every (activation, operand) product of one
+    step at that length; ``at(length)`` interpolates the median times linearly between the two (the attention's
+    work is linear in the length)."""
+
+    lengths: tuple[int, int]
+    products: dict[int, list[tuple[Tensor, Tensor]]]
+    steps: int
+    clock: Any
+
+    def _start(self) -> None:
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.lengths}
+        for n in self.lengths:
+            self._run(n, 2)  # warm-up
+
+    def _run(self, n: int, steps: int) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                for a, b in self.products[n]:
+                    if a.dim() == 2 and b.dim() == 2:
+                        F.linear(a, b)  # a weight: (tokens, in) x (out, in)^T
+                    else:
+                        torch.matmul(a, b)  # the attention's, batched over rows (and groups)
+
+    def time(self) -> None:
+        """One measurement at each of the two lengths (``steps`` steps each)."""
+        for n in self.lengths:
+            device = self.products[n][0][0].device
+            _sync(device)
+            t0 = self.clock()
+            self._run(n, self.steps)
+            _sync(device)
+            self.seconds[n].append((self.clock() - t0) / self.steps)
+
+    def at(self, length: float) -> float:
+        """Seconds per step at a mean attended ``length``: the median times, interpolated linearly (and
+        extrapolated past the two lengths)."""
+        (a, b), (ta, tb) = self.lengths, (statistics.median(self.seconds[n]) for n in self.lengths)
+        return max(ta + (tb - ta) * (length - a) / (b - a), 0.0)
+
+
+class AttentionFloor(_PerLength):
     """Times the attention matmuls of one decode step of ``batch`` rows (see the module docstring) at two attended
-    lengths, ``short`` and ``long``; ``at(length)`` interpolates the median times linearly between them (the
-    products' work is linear in the length). Shapes as the engine's decoder runs them: grouped-query attention
+    lengths, ``short`` and ``long``. Shapes as the engine's decoder runs them: grouped-query attention
     ``(b, groups, heads/groups, d) x (b, groups, d, S)`` then ``(b, groups, heads/groups, S) x (b, groups, S, d)``;
     absorbed MLA ``(b, heads, r + dr) x (b, r + dr, S)`` then ``(b, heads, S) x (b, S, r)`` on the latent cache."""
 
@@ -170,8 +210,7 @@ class AttentionFloor:
         def rand(*shape: int) -> Tensor:
             return torch.randn(*shape, generator=gen).to(param.device, param.dtype)
 
-        self.products: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        """Attended length -> every (activation, cache view) product of one step, layer by layer."""
+        self.products = {}
         for n in self.lengths:
             products = []
             if cache.layout.latent:
@@ -187,39 +226,16 @@ class AttentionFloor:
             self.products[n] = products
         self.bytes_per_position = batch * cache.layout.values_per_token * param.element_size() * self.layers
         """Cache bytes one step reads per attended position (every row and layer)."""
-        self.seconds: dict[int, list[float]] = {n: [] for n in self.lengths}
-        self._run(short, 2)  # warm-up
-        self._run(long, 2)
-
-    def _run(self, n: int, steps: int) -> None:
-        with torch.no_grad():
-            for _ in range(steps):
-                for a, b in self.products[n]:
-                    torch.matmul(a, b)
-
-    def time(self) -> None:
-        """One measurement at each of the two lengths (``steps`` steps each)."""
-        for n in self.lengths:
-            _sync(self.products[n][0][0].device)
-            t0 = self.clock()
-            self._run(n, self.steps)
-            _sync(self.products[n][0][0].device)
-            self.seconds[n].append((self.clock() - t0) / self.steps)
-
-    def at(self, length: float) -> float:
-        """Seconds per step at a mean attended ``length``: the median times, interpolated linearly (and
-        extrapolated past the two lengths)."""
-        (a, b), (ta, tb) = self.lengths, (statistics.median(self.seconds[n]) for n in self.lengths)
-        return max(ta + (tb - ta) * (length - a) / (b - a), 0.0)
+        self._start()
 
 
-class StepFloor:
+class StepFloor(_PerLength):
     """Times one decode step's matrix products in the order the step runs them: per layer, its attention's
     input projections, the attention's products against the cache (``AttentionFloor``'s), its output
-    projection and its MLP's weights; then the output layer. At ``attention``'s two lengths; ``at(length)``
-    interpolates. The same products as ``MatmulFloor`` plus ``AttentionFloor``, but not back to back: between
-    a layer's weights the step reads its cache, which leaves fewer of the next weights in the processor's
-    caches (on 2 CPU cores the weights' products ran ~20% slower interleaved)."""
+    projection and its MLP's weights; then the output layer. At ``attention``'s two lengths. The same products
+    as ``MatmulFloor`` plus ``AttentionFloor``, but not back to back: between a layer's weights the step reads
+    its cache, which leaves fewer of the next weights in the processor's caches (on 2 CPU cores the weights'
+    products ran ~20% slower interleaved)."""
 
     def __init__(self, weights: MatmulFloor, attention: AttentionFloor) -> None:
         layers: dict[int, tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]] = {}
@@ -235,7 +251,7 @@ class StepFloor:
         if len(layers) != attention.layers:
             raise ValueError(f"{len(layers)} layers of weights but {attention.layers} of attention")
         self.lengths, self.steps, self.clock = attention.lengths, weights.steps, weights.clock
-        self.products: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.products = {}
         for n in self.lengths:
             att = attention.products[n]
             self.products[n] = [
@@ -243,33 +259,7 @@ class StepFloor:
                 for i, (before, after) in enumerate(layers[k] for k in sorted(layers))
                 for pair in (*before, *att[2 * i : 2 * i + 2], *after)
             ] + rest
-        self.seconds: dict[int, list[float]] = {n: [] for n in self.lengths}
-        for n in self.lengths:
-            self._run(n, 2)  # warm-up
-
-    def _run(self, n: int, steps: int) -> None:
-        with torch.no_grad():
-            for _ in range(steps):
-                for a, b in self.products[n]:
-                    if a.dim() == 2 and b.dim() == 2:
-                        F.linear(a, b)  # a weight: (tokens, in) x (out, in)^T
-                    else:
-                        torch.matmul(a, b)
-
-    def time(self) -> None:
-        """One measurement at each of the two lengths (``steps`` steps each)."""
-        for n in self.lengths:
-            device = self.products[n][0][0].device
-            _sync(device)
-            t0 = self.clock()
-            self._run(n, self.steps)
-            _sync(device)
-            self.seconds[n].append((self.clock() - t0) / self.steps)
-
-    def at(self, length: float) -> float:
-        """Seconds per step at a mean attended ``length`` (linear between the two lengths' median times)."""
-        (a, b), (ta, tb) = self.lengths, (statistics.median(self.seconds[n]) for n in self.lengths)
-        return max(ta + (tb - ta) * (length - a) / (b - a), 0.0)
+        self._start()
 
 
 def mean_attended(prompt_lengths: list[int], response_lengths: list[int]) -> float:
