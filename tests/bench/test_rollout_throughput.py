@@ -24,13 +24,15 @@ def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
     assert "| dense | 2 | fixed |" in stdout and "| MoE+MLA | 2 | varied |" in stdout
     cells = payload["dense"]["cells"]
     assert all(c["floor_tok_s"] > 0 and c["r1mega_cb_tok_s"] > 0 and c["hf_tok_s"] > 0 for c in cells)
-    # The step floor adds the attention's matmuls to the weights', the work floor the prefill to the step floor's
-    # time: each is below the one before in tokens/s, and a side's share of it is larger.
+    # The work floor adds the prefill to the step floor's time for the same tokens, so it is below it in tokens/s.
+    # (The step floor against the matmul floor is two timings: not compared here, where timing is noise.)
     for c in cells:
-        assert 0 < c["work_floor_tok_s"] < c["step_floor_tok_s"] < c["floor_tok_s"], c
+        assert 0 < c["work_floor_tok_s"] < c["step_floor_tok_s"] and c["floor_tok_s"] > 0, c
         assert c["prefill_floor_s"] > 0 and c["attention_floor_s"] > 0 and c["attention_floor_gb_s"] > 0
         assert c["ceiling_of_floor"] == pytest.approx(c["work_floor_tok_s"] / c["floor_tok_s"])
-        assert c["r1mega_cb_of_work_floor"] > c["r1mega_cb_of_floor"]
+        # a side's share of the work floor is its share of the floor scaled by floor / work floor (CB's work here)
+        share = c["r1mega_cb_of_floor"] * c["floor_tok_s"] / c["work_floor_tok_s"]
+        assert c["r1mega_cb_of_work_floor"] == pytest.approx(share)
         # prompts of 16-48 tokens, up to 4 new: each generated token attends its prompt and the tokens before it
         assert all(16 < n <= 48 + 4 for n in c["mean_attended"].values()), c["mean_attended"]
 
