@@ -61,6 +61,36 @@ def test_continuous_batching_gives_each_sequence_its_tokens_alone(model):
         assert (ref - torch.tensor(out.logprobs)).abs().max().item() < FP32_TOL
 
 
+def test_prompts_of_similar_length_are_prefilled_together(monkeypatch):
+    """Waiting prompts enter shortest first, so a refill's left-padded forward pads little; completions still come
+    back in the prompts' order, each with the tokens it gets alone."""
+    from r1mega.rollout import scheduler
+
+    widths: list[tuple[int, ...]] = []
+    prefill = scheduler.RowScheduler._prefill
+
+    def spy(self, rows):
+        widths.append(tuple(len(self.prompts[i]) for i in self.waiting[-len(rows) :][::-1]))
+        return prefill(self, rows)
+
+    monkeypatch.setattr(scheduler.RowScheduler, "_prefill", spy)
+    lengths = [9, 2, 8, 3, 10, 1, 7, 4]
+    prompts = [[10 + (i * 7 + j) % 50 for j in range(n)] for i, n in enumerate(lengths)]
+    seeds = list(range(1, len(prompts) + 1))
+    with single_process(compose_config(["model=qwen2_tiny"])):
+        m = _model("qwen2_tiny")
+        params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=3)
+        together = RolloutEngine([m], max_batch=4).generate(prompts, params, seeds=seeds)
+        groups = list(widths)
+        alone = [
+            RolloutEngine([m], max_batch=1).generate([p], params, seeds=[s])[0]
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+    assert groups == [(1, 2, 3, 4), (7, 8, 9, 10)], groups  # in order it would be (9, 2, 8, 3): padded to 9
+    assert [c.prompt_ids for c in together] == prompts
+    assert [c.token_ids for c in together] == [a.token_ids for a in alone]
+
+
 def test_per_row_loop_draws_seeds_from_the_engine_generator():
     with single_process(compose_config(["model=qwen2_tiny"])):
         m = _model("qwen2_tiny")
