@@ -12,9 +12,12 @@
   nothing else (no softmax, no scaling, no cache writes). Their cost grows with the attended length and at
   decode shapes is the read of the cache: work the matmul floor leaves out. Timed at two lengths and
   interpolated (``at``) to the mean length the generated tokens attended.
-- **Work floor**: the floors of everything a side computes for its tokens, prefill included: the decode
-  floor's time for each generated token (weights and attention), plus the prompts' prefill matmuls (every weight times the prompt tokens
-  of ``batch`` prompts at once, the output layer times their last positions only, as a prefill computes logits
+- **Step floor**: the products of both floors above in the order a step runs them (each layer's weights with
+  its attention's products between them). Reading the cache between the weights leaves fewer of them in the
+  processor's caches, so this is slower than the two timed apart.
+- **Work floor**: the floors of everything a side computes for its tokens, prefill included: the step floor's
+  time for each generated token, plus the prompts' prefill matmuls (every weight times the prompt tokens of
+  ``batch`` prompts at once, the output layer times their last positions only, as a prefill computes logits
   there). Every response costs a prefill that yields one token, so with short responses the decode floor alone
   leaves out a large part of the work every side has to do.
 - **Bandwidth floor** (GPU): a step reads every weight once plus each row's KV cache up to its position, at the
@@ -234,8 +237,8 @@ class StepFloor(_PerLength):
     input projections, the attention's products against the cache (``AttentionFloor``'s), its output
     projection and its MLP's weights; then the output layer. At ``attention``'s two lengths. The same products
     as ``MatmulFloor`` plus ``AttentionFloor``, but not back to back: between a layer's weights the step reads
-    its cache, which leaves fewer of the next weights in the processor's caches (on 2 CPU cores the weights'
-    products ran ~20% slower interleaved)."""
+    its cache, which leaves fewer of the next weights in the processor's caches (on 2 CPU cores the step ran 8%
+    slower than the two floors apart in the bench, 18-22% in a separate test)."""
 
     def __init__(self, weights: MatmulFloor, attention: AttentionFloor) -> None:
         layers: dict[int, tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]] = {}

@@ -20,15 +20,13 @@ shapes). On the CPU, **r1mega compiled** and **CB compiled** are the same two lo
 steps (``RolloutEngine(compiled=True)``, ``grpo.rollout_compile``; ``--no-compiled`` leaves them out); their
 compilation happens in the warm-up and its time is reported (``compile_warmup_s``). The **step floor**
 (``rollout_floor.StepFloor``) is a step's matmuls in the step's order: each layer's weights with its attention's
-products against the cache between them (``rollout_floor.AttentionFloor``, at the mean length the CB side's
-tokens attended): the read of the cache, which the floor leaves out, and what it costs the weights' products
-that follow it. The **work
-floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the step floor's time for the
-tokens a side generated: the matmuls of all the work it did. ``work floor / floor`` is then the most of the
-floor any side doing that work could reach. Throughput counts generated (useful) tokens; the sides and the
+products against the cache between them (``rollout_floor.AttentionFloor``, at the mean length the CB side's tokens
+attended): the read of the cache, which the floor leaves out, and what it costs the weights' products that follow
+it. The **work floor** adds the prompts' prefill matmuls (``rollout_floor.PrefillFloor``) to the step floor's time
+for the tokens a side generated: the matmuls of all the work it did. ``work floor / floor`` is then the most of
+the floor any side doing that work could reach. Throughput counts generated (useful) tokens; the sides and the
 floors alternate over ``--rounds`` so a load change on a shared machine hits all of them, and medians are
-reported. The MoE+MLA model (DeepSeek-V3
-shaped, hidden 512) gets the same table without HF.
+reported. The MoE+MLA model (DeepSeek-V3 shaped, hidden 512) gets the same table without HF.
 
 With ``--mtp-checkpoint``/``--mtp-data`` (defaults: the tiny pipeline's cold-start SFT, when present) it also
 measures MTP speculative decoding and the bf16 engine/trainer log-probability gap on that policy

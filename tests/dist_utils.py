@@ -70,13 +70,13 @@ def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float 
     rendezvous port was taken by another process first (EADDRINUSE) starts again on a new port, up to
     ``attempts`` times.
     """
-    for attempt in range(1, attempts + 1):
+    for _ in range(attempts - 1):
         try:
             return _run_ranks_once(script, args, world_size, timeout)
         except AssertionError as e:
-            if ADDRESS_IN_USE not in str(e) or attempt == attempts:
+            if ADDRESS_IN_USE not in str(e):
                 raise
-    raise AssertionError("unreachable")
+    return _run_ranks_once(script, args, world_size, timeout)
 
 
 def _run_ranks_once(script: str, args: Sequence[str], world_size: int, timeout: float) -> list[str]:

@@ -277,7 +277,8 @@ def _sample_nucleus(
 ) -> Tensor:
     """Top-p by rejection: draw from the full distribution (``cdf``: of the unnormalised probabilities), keep
     tokens inside the nucleus. ``rows``: ``arange(b)``. Returns (b,)."""
-    every, tokens = cdf, torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    every = cdf  # every row's distribution; ``cdf`` holds the rows still drawing
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     todo = rows  # rows still drawing
     bound = cdf.total * params.top_p  # top_p of each row's mass
     for attempt in range(NUCLEUS_TRIES):
