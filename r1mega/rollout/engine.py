@@ -301,8 +301,27 @@ class RolloutEngine:
 
     def _to_host(self, tokens: torch.Tensor, logps: torch.Tensor) -> tuple[list[int], list[float]]:
         """Sampled tokens and log-probabilities as Python lists: one device-to-host transfer for both."""
-        both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)]).cpu()  # (2, b); ids < 2**53
-        return [int(x) for x in both[0].tolist()], both[1].tolist()
+        return self._read_host(self._send_host(tokens, logps))
+
+    def _send_host(self, tokens: torch.Tensor, logps: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start moving ``tokens`` and ``logps`` (rows,) to the host in one transfer: on CUDA a copy into pinned
+        memory queued behind the work that computes them, and the event that marks its end (``_read_host``)."""
+        both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)])  # (2, rows); ids < 2**53
+        if both.device.type != "cuda":
+            return both, None
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def _read_host(sent: tuple[torch.Tensor, Any]) -> tuple[list[int], list[float]]:
+        """The lists of a ``_send_host`` transfer, once it has arrived (work queued after it may still run)."""
+        host, done = sent
+        if done is not None:
+            done.synchronize()
+        return [int(x) for x in host[0].tolist()], host[1].tolist()
 
     def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
@@ -315,10 +334,13 @@ class RolloutEngine:
         assert logits is not None, "a pipeline stage decodes through rollout.pipelined"
         return self._mask_vocab(logits)
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(
+        self, logits: torch.Tensor, params: SamplingParams, sync_free: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and log-probabilities (rows,) of ``logits`` (rows, V); tensor-parallel ranks take their group's
-        first rank's (they sample the same logits, but must not depend on their generators agreeing)."""
-        tokens, logps = sample_tokens(logits, params, self.generator)
+        first rank's (they sample the same logits, but must not depend on their generators agreeing).
+        ``sync_free``: a sampler that never waits for the device (``sample_tokens``)."""
+        tokens, logps = sample_tokens(logits, params, self.generator, sync_free=sync_free)
         if self._tp_group is not None:
             src = torch.distributed.get_global_rank(self._tp_group, 0)
             torch.distributed.broadcast(tokens, src=src, group=self._tp_group)
@@ -433,7 +455,7 @@ class RolloutEngine:
             if live == 0 or size >= batch.size:
                 return
             keep = [r for r, x in enumerate(batch.live) if x]
-            idx = torch.tensor(keep, device=self.device)
+            idx = self._to_device(torch.tensor(keep))
             g = batch.graphed
             g.cache.compact_(idx)
             g.key_bias[:live] = g.key_bias.index_select(0, idx)
@@ -462,21 +484,21 @@ class RolloutEngine:
         positions = (batch.lens + t).clamp(max=max_len - 1)  # (size,) position of the new token
         return StepInputs(slot, positions[:, None], batch.key_bias[:, None, : slot + 1])
 
-    def _record(self, batch: _Batch, tokens: torch.Tensor, logps: torch.Tensor, out: RowOutputs) -> None:
-        """Append a step's sampled ``tokens`` and ``logps`` (rows,) to the live rows' outputs; rows that end
-        here (a stop, or the length limit) are no longer live."""
-        host_tokens, host_logps = self._to_host(tokens, logps)
-        for r, (orig, tok, lp) in enumerate(zip(batch.rows, host_tokens, host_logps, strict=True)):
-            if not batch.live[r]:
+    def _record(
+        self, rows: list[int], sampled: tuple[list[int], list[float]], out: RowOutputs
+    ) -> None:
+        """Append a step's sampled tokens and log-probabilities (host lists, one per cache row; ``rows``: the
+        prompt of each row when they were sampled) to the outputs of the prompts still running; a prompt whose
+        completion ends here (a stop, or the length limit) gets its reason and takes no more tokens."""
+        for orig, tok, lp in zip(rows, *sampled, strict=False):  # graph padding rows beyond ``rows`` are skipped
+            if out.reasons[orig] is not None:
                 continue
             out.tokens[orig].append(tok)
             out.logps[orig].append(lp)
             reason = self._stopped(out.tokens[orig], out.params)
             if reason is None and len(out.tokens[orig]) == out.params.max_new_tokens:
                 reason = "length"
-            if reason is not None:
-                out.reasons[orig] = reason
-                batch.live[r] = False
+            out.reasons[orig] = reason
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """The whole batch as one group on one pipeline stage (see ``pipelined`` for PP and row groups)."""
@@ -488,17 +510,19 @@ class RolloutEngine:
         self.stats.prefill_s = time.perf_counter() - t0
 
         out = RowOutputs.of(len(prompts), params)
-        for t in itertools.count():
-            tokens, logps = self._sample(logits[: len(batch.rows)], params)  # (real rows,) on the device
-            self._record(batch, tokens, logps, out)
-            self.stats.steps = t + 1
-            if not self._any_rank_active(any(batch.live)):
-                break
-            if tokens.shape[0] < batch.size:  # rows of a graph bucket beyond the real ones
-                tokens = F.pad(tokens, (0, batch.size - tokens.shape[0]), value=self.pad_token_id)
-            batch.tokens = tokens
-            self._compact(batch)
-            logits = self._step(batch, decoder, t, width, max_len)
+        if batch.graphed is not None:
+            self._decode_ahead(batch, decoder, logits, width, max_len, out)
+        else:
+            for t in itertools.count():
+                tokens, logps = self._sample(logits[: len(batch.rows)], params)  # (real rows,) on the device
+                self._record(batch.rows, self._to_host(tokens, logps), out)
+                batch.live = [out.reasons[r] is None for r in batch.rows]
+                self.stats.steps = t + 1
+                if not self._any_rank_active(any(batch.live)):
+                    break
+                batch.tokens = tokens
+                self._compact(batch)
+                logits = self._step(batch, decoder, t, width, max_len)
 
         self.stats.decode_s = time.perf_counter() - t0 - self.stats.prefill_s
         if batch.graphed is not None:
@@ -506,6 +530,44 @@ class RolloutEngine:
         if not self.cuda_graphs:
             self._graphed = None  # capture failed: free the graph cache
         return self._completions(prompts, out)
+
+    def _decode_ahead(
+        self, batch: _Batch, decoder: CachedDecoder, logits: torch.Tensor, width: int, max_len: int, out: RowOutputs
+    ) -> None:
+        """The graph layout's decode loop, one step ahead of the host (``logits``: the prefill's).
+
+        Step t's forward is queued on the device before the host reads the tokens it consumes (step t's
+        samples): the device's copy of them feeds the forward, and their transfer to the host, queued before
+        the forward, lets the host record them, check stops and queue the next sampling while the device runs
+        the forward. The device waits on the host only when the host's work per step outlasts a step. What a
+        step ahead costs: a row that ends at step t is run once more (step t's forward, step t+1's draw) before
+        the host knows it ended; its extra token is never recorded, and it is dropped from the batch a step
+        later than in the eager loop (so sampled tokens, which depend on the rows drawn, differ from the eager
+        layout's, as they already did with padded buckets). The sampler makes no host round trip
+        (``sync_free``), or the host would wait for every forward before queuing the next."""
+        params = out.params
+        tokens, logps = self._sample(logits[: len(batch.rows)], params, sync_free=True)  # step 0's tokens
+        sent, rows = self._send_host(tokens, logps), list(batch.rows)
+        batch.tokens = self._padded(batch, tokens)
+        for t in itertools.count():
+            last = t + 1 >= params.max_new_tokens  # every row ends with step t's token
+            if not last:
+                logits = self._step(batch, decoder, t, width, max_len)  # queued: reads step t's tokens on the device
+            self._record(rows, self._read_host(sent), out)  # step t's tokens, while the device runs the forward
+            self.stats.steps = t + 1
+            batch.live = [out.reasons[r] is None for r in batch.rows]
+            if last or not any(batch.live):
+                return
+            tokens, logps = self._sample(logits[: len(batch.rows)], params, sync_free=True)  # step t + 1
+            sent, rows = self._send_host(tokens, logps), list(batch.rows)
+            batch.tokens = self._padded(batch, tokens)
+            self._compact(batch)  # drops the rows that ended at step t (their step t + 1 tokens with them)
+
+    def _padded(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (real rows,) padded to the batch's rows (a graph bucket has rows beyond the real ones)."""
+        if tokens.shape[0] < batch.size:
+            tokens = F.pad(tokens, (0, batch.size - tokens.shape[0]), value=self.pad_token_id)
+        return tokens
 
     def _completions(self, prompts: list[list[int]], out: RowOutputs) -> list[Completion]:
         self.stats.generated_tokens = sum(map(len, out.tokens))

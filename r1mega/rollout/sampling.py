@@ -92,18 +92,24 @@ Uniforms = Callable[[Tensor, int], Tensor]
 indices into the batch), for the purpose ``stream`` (``STREAM_*``)."""
 
 
-def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_tokens(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator, sync_free: bool = False
+) -> tuple[Tensor, Tensor]:
     """One token per row and its log-probability, drawn with uniforms from ``generator`` (the default loop's one
     generator for the batch). ``logits``: (b, V) fp32 -> ((b,) int64, (b,) fp32).
 
     The same sampler as ``sample_rows`` (top-p by rejection, no sort; distributed as ``sampling_probs``), fed by
     the generator instead of per-row hashes; how many uniforms a call draws depends only on the logits and the
-    draws, so ranks given the same logits and generator state draw the same tokens."""
+    draws, so ranks given the same logits and generator state draw the same tokens.
+
+    ``sync_free``: top-p by sorting the vocabulary instead (the same distribution, one uniform per row). Rejection
+    redraws the rows whose draw fell outside the nucleus, and which rows those are is read on the host: on a GPU
+    that waits for the forward that made the logits, which a decode loop running ahead of the host must not."""
 
     def uniforms(rows: Tensor, stream: int) -> Tensor:
         return torch.rand(rows.numel(), generator=generator, dtype=torch.float64, device=generator.device)
 
-    return _draw(logits, params, uniforms)
+    return _draw(logits, params, uniforms, sort=sync_free)
 
 
 STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0, 1, 2, 3
@@ -229,17 +235,18 @@ def sample_rows(logits: Tensor, params: SamplingParams, seeds: Tensor, counters:
     return _draw(logits, params, uniforms)
 
 
-def _draw(logits: Tensor, params: SamplingParams, uniforms: Uniforms) -> tuple[Tensor, Tensor]:
-    """``sample_rows`` / ``sample_tokens`` with the uniforms of ``uniforms``."""
+def _draw(logits: Tensor, params: SamplingParams, uniforms: Uniforms, sort: bool = False) -> tuple[Tensor, Tensor]:
+    """``sample_rows`` / ``sample_tokens`` with the uniforms of ``uniforms``; ``sort``: top-p by sorting."""
     if params.greedy:
         tokens = logits.argmax(dim=-1)  # (b,)
         return tokens, logprob_of(logits, tokens, params)
     t, vocab = params.temperature, logits.shape[-1]
     rows = torch.arange(logits.shape[0], device=logits.device)
-    if 0 < params.top_k < vocab:
+    if 0 < params.top_k < vocab or (sort and params.top_p < 1.0):
         scaled = logits / t  # (b, V)
         lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (b, 1)
-        tokens = _sample_sorted(scaled, lse, params, uniforms, rows, params.top_k)
+        k = params.top_k if 0 < params.top_k < vocab else vocab
+        tokens = _sample_sorted(scaled, lse, params, uniforms, rows, k)
         return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse.squeeze(-1)
     # One (b, V) tensor, the unnormalised probabilities, serves the draw and the log-probability: every pass over
     # the vocabulary reads the logits or writes in place (a large new tensor costs a page fault per 4 KiB on the

@@ -200,3 +200,33 @@ def test_a_failed_capture_falls_back_to_eager_mid_call(monkeypatch, caplog):
         assert [o.token_ids for o in got] == [o.token_ids for o in eager.generate(PROMPTS, params)]
         assert not graphed.cuda_graphs and graphed._graphed is None and len(calls) == 2
         assert "CUDA graph capture failed" in caplog.text
+
+
+def test_the_graph_loop_queues_each_forward_before_reading_its_tokens(cpu_graphs, monkeypatch):
+    """The graph layout's loop runs a step ahead of the host: step t's forward is queued before the host reads
+    step t's tokens (so on a GPU the forward runs while the host records them), and its sampler never reads
+    the device (``sync_free``). The last step, whose tokens end every row, queues no forward."""
+    events: list[str] = []
+    step, read, sample = RolloutEngine._step, RolloutEngine._read_host, RolloutEngine._sample
+
+    def log_step(self, batch, decoder, t, width, max_len):
+        events.append(f"step{t}")
+        return step(self, batch, decoder, t, width, max_len)
+
+    def log_read(sent):
+        events.append("read")
+        return read(sent)
+
+    def log_sample(self, logits, params, sync_free=False):
+        events.append("sample" if sync_free else "sample(sync)")
+        return sample(self, logits, params, sync_free)
+
+    monkeypatch.setattr(RolloutEngine, "_step", log_step)
+    monkeypatch.setattr(RolloutEngine, "_read_host", staticmethod(log_read))
+    monkeypatch.setattr(RolloutEngine, "_sample", log_sample)
+    cfg = compose_config(["model=qwen2_tiny"])
+    with single_process(cfg):
+        engine = RolloutEngine(build_model(cfg))
+        out = engine.generate(PROMPTS[:3], SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=4))
+    assert [len(o.token_ids) for o in out] == [4, 4, 4]
+    assert events == ["sample", "step0", "read", "sample", "step1", "read", "sample", "step2", "read", "sample", "read"]

@@ -159,17 +159,31 @@ def test_speculative_accept_samples_the_target_distribution():
     "kwargs",
     [dict(temperature=0.7, top_p=0.9), dict(top_p=0.01), dict(temperature=1.0, top_k=5, top_p=0.8), dict(top_p=1.0)],
 )
-@pytest.mark.parametrize("sampler", ["rows", "generator"])
+@pytest.mark.parametrize("sampler", ["rows", "generator", "sync_free"])
 def test_samplers_follow_sampling_probs(kwargs, sampler):
     """The per-row sampler and the default loop's (top-p by rejection, with a sort after 32 rejections as for
-    top_p=0.01; top-k in its order) follow ``sampling_probs`` over 20,000 rows (per-row seeds, or one generator)
-    and return ``logprob_of``'s log-probabilities."""
+    top_p=0.01; top-k in its order; or top-p by a sort, ``sync_free``) follow ``sampling_probs`` over 20,000
+    rows (per-row seeds, or one generator) and return ``logprob_of``'s log-probabilities."""
     params = SamplingParams(**kwargs)
     logits = (torch.randn(1, 12, generator=torch.Generator().manual_seed(0)) * 2).expand(20000, 12)
     if sampler == "rows":
         tokens, logps = sample_rows(logits, params, torch.arange(20000), torch.full((20000,), 3))
     else:
-        tokens, logps = sample_tokens(logits, params, torch.Generator().manual_seed(3))
+        generator = torch.Generator().manual_seed(3)
+        tokens, logps = sample_tokens(logits, params, generator, sync_free=sampler == "sync_free")
     freq = torch.bincount(tokens, minlength=12).float() / len(tokens)
     assert freq.tolist() == pytest.approx(sampling_probs(logits[:1], params)[0].tolist(), abs=0.012)
     assert (logps - logprob_of(logits, tokens, params)).abs().max().item() < 1e-5
+
+
+def test_the_sync_free_sampler_draws_one_uniform_per_row():
+    """Top-p by a sort takes exactly one uniform per row from the generator: how far the generator moves
+    never depends on the draws, so nothing about them has to be read on the host."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(1)) * 3
+    params = SamplingParams(temperature=0.6, top_p=0.95)
+    g = torch.Generator().manual_seed(7)
+    sample_tokens(logits, params, g, sync_free=True)
+    after = torch.rand(1, generator=g, dtype=torch.float64)
+    expected = torch.Generator().manual_seed(7)
+    torch.rand(64, generator=expected, dtype=torch.float64)
+    assert torch.equal(after, torch.rand(1, generator=expected, dtype=torch.float64))
