@@ -270,7 +270,7 @@ def measure(
     if args.compiled:  # the same two loops with compiled decode steps (CPU)
         engines["r1mega_compiled"] = RolloutEngine([model], cuda_graphs=False, compiled=True)
         engines["r1mega_cb_compiled"] = RolloutEngine([model], max_batch=batch, compiled=True)
-    if args.device == "cuda" and hf is not None and not varied:
+    if args.device == "cuda" and not varied:  # dense, and MoE in bf16 on Hopper (grouped experts)
         engines["r1mega_graphs"] = RolloutEngine([model], cuda_graphs=True)
 
     # Each run returns the length of every response, in the prompts' order.
@@ -534,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
             f"MoE+MLA {m['params'] / 1e6:.1f}M params: latent cache {m['cache_bytes_per_token_per_layer']} B/token/layer"
             f" vs {m['mha_bytes_per_token_per_layer']} B for MHA ({100 * m['cache_fraction_of_mha']:.1f}%)"
         )
+        graphed = [c for c in m["cells"] if "r1mega_graphs_tok_s" in c]
+        for c in graphed:  # on CUDA
+            print(
+                f"  MoE+MLA batch {c['batch']}: eager {c['r1mega_tok_s']:.0f} tok/s, CUDA graphs "
+                f"{c['r1mega_graphs_tok_s']:.0f} tok/s ({c['r1mega_graphs_tok_s'] / c['r1mega_tok_s']:.2f}x; on: "
+                f"{c['graphs']['on']}, {c['graphs']['captured']} graphs)"
+            )
     if args.device == "cpu" and os.path.isdir(args.mtp_checkpoint) and os.path.isdir(args.mtp_data):
         import rollout_mtp
 
@@ -550,15 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     _print_mtp(results)
     if args.floor:
-        _print_gpu(d)
+        _print_gpu(d, results.get("moe_mla"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
 
 
-def _print_gpu(d: dict[str, Any]) -> None:
-    """The bandwidth-floor line and the ``ROLLOUT_GPU`` summary."""
+def _print_gpu(d: dict[str, Any], moe: dict[str, Any] | None = None) -> None:
+    """The bandwidth-floor line and the ``ROLLOUT_GPU`` summary (with the MoE+MLA model's eager and graph
+    tokens/s when it ran)."""
     floor, pct = d["floor_tok_s"], lambda k: "n/a" if d.get(k) is None else f"{100 * d[k]:.1f}%"
     print(
         f"  bandwidth floor: {d['weight_bytes'] / 1e9:.2f} GB weights + cache at {d['copy_bandwidth_gb_s']:.0f} GB/s "
@@ -573,6 +581,10 @@ def _print_gpu(d: dict[str, Any]) -> None:
     summary.update({k: cell.get(k) for k in ("r1mega_tok_s", "r1mega_cb_tok_s", "hf_tok_s", "r1mega_vs_hf")})
     summary["ratio"] = cell.get("r1mega_vs_hf")
     summary["matmul_floor_tok_s"] = cell["floor_tok_s"]
+    if moe is not None:
+        first = moe["cells"][0]
+        summary["moe_params"] = moe["params"]
+        summary.update({f"moe_{k}": first.get(k) for k in ("r1mega_tok_s", "r1mega_graphs_tok_s", "graphs")})
     print("ROLLOUT_GPU " + json.dumps(summary))
 
 

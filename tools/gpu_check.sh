@@ -23,7 +23,7 @@ mkdir -p "$LOGS"
 PARTS=${PARTS:-"env tests train rollout"}
 T_TESTS=${T_TESTS:-240}
 T_TRAIN=${T_TRAIN:-170}
-T_ROLLOUT=${T_ROLLOUT:-150}
+T_ROLLOUT=${T_ROLLOUT:-180}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
 elapsed() { echo $(($(date +%s) - START)); }

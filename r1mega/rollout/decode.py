@@ -8,9 +8,12 @@ reads their weights, so there is one set of weights and no conversion step betwe
   decoupled key; the key up-projection is folded into the query (``q_nope @ W_UK``) and the value
   up-projection into the output (``(attn @ c) @ W_UV``), so keys and values are never expanded per head.
 - **GQA** (Qwen2 / Llama) caches per-group keys and values; query heads of a group share one batched matmul.
-- **MoE** layers are called as modules (router with the expert-bias, shared experts, token dispatcher),
-  so expert parallelism works as in training; under tensor parallelism with sequence parallelism each
-  TP rank routes its share of the tokens and the outputs are all-gathered, exactly as in training.
+- **MoE** layers on one process are computed by the decoder from the layer's modules: its router (scores,
+  group-limited top-k, the expert bias), the routed experts on their tokens (as two grouped matmuls over
+  stacked copies of the experts' weights where ``torch._grouped_mm`` runs: the CPU, bf16 on Hopper; else
+  each busy expert in turn) and the shared experts. Under expert or tensor parallelism the layers are
+  called as modules (router, token dispatcher, experts), so expert parallelism works as in training; with
+  sequence parallelism each TP rank routes its share of the tokens and the outputs are all-gathered.
 
 Two ways to run a step. The *sliced* step (prefill, and decoding without CUDA graphs) writes the new
 tokens at python-int slots ``[start, start + s)`` and attends to the cache up to there. The *static* step
@@ -111,6 +114,47 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
 
 
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` multiplies groups of rows by stacked weights on ``device`` in ``dtype``: on
+    the CPU in any float dtype; on CUDA in bf16 from Hopper (sm_90) on."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def local_moe(mlp: MoELayer, tp: int) -> bool:
+    """Whether the decoder computes the MoE layer ``mlp`` itself (``CachedDecoder._moe_local``): every expert on
+    this process (no tensor or expert parallelism, ``tp`` = 1) as megatron-core's SequentialMLP, in the plain
+    configuration (no latent projection, no FP8, probabilities applied after the activation, no clamped or
+    offset GLU); else megatron-core's layer (router, token dispatcher, experts) runs."""
+    c = mlp.config
+    return (
+        tp == 1
+        and c.expert_model_parallel_size == 1
+        and isinstance(mlp.experts, SequentialMLP)
+        and not getattr(c, "moe_latent_size", None)
+        and not c.moe_apply_probs_on_input
+        and getattr(c, "activation_func_clamp_value", None) is None
+        and not getattr(c, "glu_linear_offset", 0.0)
+        and not any(is_fp8_layer(m) for m in mlp.modules())
+    )
+
+
+def grouped_moe(mlp: MoELayer, tp: int, device: torch.device | None = None) -> bool:
+    """Whether the decoder runs the MoE layer ``mlp``'s experts as grouped matmuls (``_experts_grouped``) on
+    ``device`` (default: where the experts are): its own MoE path (``local_moe``), experts without biases, and
+    a device and weight dtype that ``grouped_mm_works`` for. Such a layer never reads the device on the host,
+    so a CUDA graph can capture it."""
+    experts = mlp.experts.local_experts if isinstance(mlp.experts, SequentialMLP) else []
+    if not experts or not local_moe(mlp, tp):
+        return False
+    fc1 = experts[0].linear_fc1
+    biased = any(isinstance(b, Tensor) and b.numel() for e in experts for b in (getattr(e.linear_fc1, "bias", None), getattr(e.linear_fc2, "bias", None)))
+    return not biased and grouped_mm_works(device or fc1.weight.device, fc1.weight.dtype)
+
+
 class CachedDecoder:
     """KV-cached forward of a megatron-core ``GPTModel``: the whole model, or this rank's pipeline chunks
     (``model`` a list of chunks, in virtual-stage order, with ``pp_group`` the pipeline group)."""
@@ -163,6 +207,10 @@ class CachedDecoder:
             )
         self._local: dict[int, bool] = {}
         """Per MoE layer (by ``id``): whether ``_moe_local`` computes it."""
+        self._stacked: dict[int, tuple[Tensor, Tensor] | None] = {}
+        """Per MoE layer that ``_moe_local`` computes (by ``id``): its experts' weights stacked for a grouped
+        matmul, ``(E, out, in)`` for ``fc1`` and ``fc2``, or None where this device cannot multiply them grouped
+        (``grouped_mm_works``). Copied from the experts by ``refresh_weights``, in place."""
         self.compiled = compiled
         """Whether one-token steps run compiled (``torch.compile``): one compiled function for the layers with a
         dense MLP, another for the attention half of MoE layers. Each has its own compile cache: torch runs a
@@ -353,37 +401,32 @@ class CachedDecoder:
         return out[: s * b].view(s, b, hidden)
 
     def _local_moe(self, mlp: MoELayer) -> bool:
-        """Whether ``_moe_local`` computes this MoE layer: every expert on this process (no tensor or expert
-        parallelism) as megatron-core's SequentialMLP, in the plain configuration (no latent projection, no FP8,
-        probabilities applied after the activation, no clamped or offset GLU)."""
-        c = self.config
-        return (
-            self.tp == 1
-            and c.expert_model_parallel_size == 1
-            and isinstance(mlp.experts, SequentialMLP)
-            and not getattr(c, "moe_latent_size", None)
-            and not c.moe_apply_probs_on_input
-            and getattr(c, "activation_func_clamp_value", None) is None
-            and not getattr(c, "glu_linear_offset", 0.0)
-            and not any(is_fp8_layer(m) for m in mlp.modules())
-        )
+        """Whether ``_moe_local`` computes this MoE layer (``local_moe``)."""
+        return local_moe(mlp, self.tp)
 
     def _moe_local(self, mlp: MoELayer, h: Tensor) -> Tensor:
         """An MoE layer on ``h`` (s, b, hidden) without megatron-core's token dispatcher: the layer's own router
-        (scores, group-limited top-k, the expert bias), then each expert that received tokens on just those
-        tokens, scaled by their routing probabilities after the activation (``MLP(per_token_scale=)``) and
-        summed per token, plus the shared experts. The same products as the dispatcher's path; a decode step
-        calls 2 linears per busy expert instead of megatron's per-expert autograd functions, permutations and
-        all-to-all bookkeeping."""
+        (scores, group-limited top-k, the expert bias), then every expert on just the tokens routed to it,
+        scaled by their routing probabilities after the activation (``MLP(per_token_scale=)``) and summed per
+        token in expert order, plus the shared experts. The same products as the dispatcher's path.
+
+        Where the device multiplies groups of rows by stacked weights (``grouped_mm_works``), the (token, expert)
+        pairs are sorted by expert and each expert matrix is one grouped matmul over all experts: no host sync,
+        so a CUDA graph can capture the layer, and on the CPU 2 calls instead of 2 linears per busy expert.
+        Elsewhere (fp32 on CUDA) each busy expert runs on its rows, sized on the host."""
         s, b, hidden = h.shape
         probs, routing_map = mlp.router(h)  # (T, E) each: probabilities of the chosen experts, which they are
         x = h.reshape(s * b, hidden)
-        out = torch.zeros_like(x)
-        counts = routing_map.sum(dim=0).tolist()  # tokens per expert (a host sync, as the dispatcher's)
-        for e, (n, expert) in enumerate(zip(counts, mlp.experts.local_experts, strict=True)):
-            if n:
-                rows = routing_map[:, e].nonzero().squeeze(1)  # (n,)
-                out.index_add_(0, rows, self._mlp(expert, x[rows], scale=probs[rows, e]))
+        stacked = self._stacked_weights(mlp)
+        if stacked is not None:
+            out = self._experts_grouped(mlp, x, probs, routing_map, *stacked)
+        else:
+            out = torch.zeros_like(x)
+            counts = routing_map.sum(dim=0).tolist()  # tokens per expert (a host sync, as the dispatcher's)
+            for e, (n, expert) in enumerate(zip(counts, mlp.experts.local_experts, strict=True)):
+                if n:
+                    rows = routing_map[:, e].nonzero().squeeze(1)  # (n,)
+                    out.index_add_(0, rows, self._mlp(expert, x[rows], scale=probs[rows, e]))
         out = out.view(s, b, hidden)
         if mlp.use_shared_expert:
             shared = mlp.shared_experts
@@ -392,6 +435,51 @@ class CachedDecoder:
                 z = z * torch.sigmoid(F.linear(h, shared.gate_weight))
             out = out + z
         return out
+
+    def _experts_grouped(
+        self, mlp: MoELayer, x: Tensor, probs: Tensor, routing_map: Tensor, w1: Tensor, w2: Tensor
+    ) -> Tensor:
+        """The routed experts on tokens ``x`` (T, hidden) as two grouped matmuls over the stacked weights ``w1``
+        (E, fc1 out, hidden) and ``w2`` (E, hidden, fc2 in); ``probs``, ``routing_map``: (T, E) from the router.
+        Every token has exactly top-k experts (no token dropping in ``_local_moe``'s configuration)."""
+        k = self.config.moe_router_topk
+        experts = routing_map.to(probs.dtype).topk(k, dim=-1, sorted=False).indices  # (T, k) the chosen experts
+        order = experts.reshape(-1).argsort(stable=True)  # (T * k,) the pairs by expert, tokens in order
+        token = order // k
+        ends = routing_map.sum(dim=0).cumsum(dim=0).to(torch.int32)  # (E,) each expert's last pair + 1
+        scale = probs.gather(1, experts).reshape(-1)[order]  # (T * k,)
+        y = torch._grouped_mm(x[token], w1.transpose(1, 2), offs=ends)  # (T * k, fc1 out)
+        if self.config.gated_linear_unit:
+            gate, up = y.chunk(2, dim=-1)
+            y = self.config.activation_func(gate) * up
+        else:
+            y = self.config.activation_func(y)
+        y = (y * scale[:, None]).to(x.dtype)
+        y = torch._grouped_mm(y, w2.transpose(1, 2), offs=ends)  # (T * k, hidden)
+        return torch.zeros_like(x).index_add_(0, token, y)  # each token's experts summed in expert order
+
+    def _stacked_weights(self, mlp: MoELayer) -> tuple[Tensor, Tensor] | None:
+        """``mlp``'s stacked expert weights (made on first use), or None where they are not multiplied grouped."""
+        key = id(mlp)
+        if key not in self._stacked:
+            experts = mlp.experts.local_experts
+            self._stacked[key] = (
+                (torch.stack([e.linear_fc1.weight for e in experts]), torch.stack([e.linear_fc2.weight for e in experts]))
+                if grouped_moe(mlp, self.tp)
+                else None
+            )
+        return self._stacked[key]
+
+    def refresh_weights(self) -> None:
+        """Copy the experts' current weights into their stacked copies, in place (a captured graph reads those
+        addresses): the engine calls this at the start of every ``generate``, since training updates the
+        experts between calls."""
+        for layer in self.layers:
+            stacked = self._stacked.get(id(layer.mlp))
+            if stacked is not None:
+                experts = layer.mlp.experts.local_experts
+                torch.stack([e.linear_fc1.weight for e in experts], out=stacked[0])
+                torch.stack([e.linear_fc2.weight for e in experts], out=stacked[1])
 
     # ---- the step ------------------------------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ compacted to the live rows.
 Devices: the cache, ids, masks and the sampler's generator live on the model's device; prompts are
 built on the host and copied once, and each decode step moves its sampled tokens and log-probabilities
 to the host in one transfer, where the stop checks and the per-row bookkeeping (which rows are live,
-which prompt a cache row belongs to) run as plain Python. On CUDA, dense models replay the decode step
-as a CUDA graph (``graphs``; ``cuda_graphs`` chooses, auto by default), with batch buckets instead of
-exact compaction; everything else runs the step eagerly.
+which prompt a cache row belongs to) run as plain Python. On CUDA, dense models (and MoE models whose
+experts run as grouped matmuls: bf16 on Hopper, one process) replay the decode step as a CUDA graph
+(``graphs``; ``cuda_graphs`` chooses, auto by default), with batch buckets instead of exact compaction,
+one step ahead of the host (``_decode_ahead``); everything else runs the step eagerly.
 
 ``max_batch`` (continuous batching), per-sequence ``seeds`` and ``speculative`` (MTP drafts verified by the
 main model) switch to the per-row loop of ``scheduler``; without them the loop below runs, unchanged.
@@ -100,7 +101,7 @@ class RolloutEngine:
     """Samples completions from the model chunks a trainer holds (weights shared, never copied).
 
     ``cuda_graphs``: replay the decode step as CUDA graphs (True), never (False), or when the model allows
-    it (None: a dense model on CUDA without tensor parallelism; see ``graphs.graph_refusal``). Graphs keep
+    it (None: on CUDA without tensor parallelism, a dense model or grouped MoE experts; ``graphs.graph_refusal``). Graphs keep
     a KV cache on the device between calls; ``release`` frees it. ``groups``: the process groups of a model
     split by tensor or expert parallelism (``ParallelContext.groups``); None for a model on one process.
 
@@ -260,6 +261,8 @@ class RolloutEngine:
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         with _eval_mode(self.chunks):
+            if self._decoder is not None:
+                self._decoder.refresh_weights()  # the trainer may have updated the experts since the last call
             if seeds is None and self.max_batch is None and not self.speculative:
                 if self._pp_group is None and self.row_groups == 1:
                     return self._generate([list(p) for p in prompts], params)

@@ -16,8 +16,10 @@ it moves the live rows to the front of the cache in place and switches to the sm
 finished rows inside a bucket keep running as padding. Length buckets (powers of two from 128, capped
 at the capacity) keep early steps from reading the whole cache.
 
-What is refused (the engine decides, see ``graph_refusal``): MoE layers (megatron-core's token
-dispatcher synchronises with the host to size its buffers), tensor parallelism (collectives inside
+What is refused (the engine decides, see ``graph_refusal``): MoE layers whose experts are sized on the host
+(megatron-core's token dispatcher, or the decoder's per-expert loop: fp32 on CUDA, GPUs before Hopper; in
+bf16 on Hopper the decoder runs the experts as grouped matmuls over the tokens sorted by expert, which a graph
+captures: ``decode.grouped_moe``), tensor parallelism (collectives inside
 graphs are not validated here) and devices other than CUDA. A capture that fails, or whose replay
 disagrees with the eager run of the same step, turns graphs off for the engine with a logged reason;
 decoding continues eagerly on the same cache.
@@ -32,7 +34,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from torch import Tensor
 
-from r1mega.rollout.decode import CachedDecoder, StepInputs
+from r1mega.rollout.decode import CachedDecoder, StepInputs, grouped_moe
 from r1mega.rollout.kv_cache import KVCache
 
 MIN_LENGTH_BUCKET = 128
@@ -63,8 +65,11 @@ def graph_refusal(layers: list[torch.nn.Module], device: torch.device, tp: int) 
     ranks cannot be captured, or None when it can."""
     if device.type != "cuda":
         return f"the model is on {device}, CUDA graphs need a CUDA device"
-    if any(isinstance(layer.mlp, MoELayer) for layer in layers):
-        return "the model has MoE layers, whose token dispatcher synchronises with the host every step"
+    if any(isinstance(layer.mlp, MoELayer) and not grouped_moe(layer.mlp, tp, device) for layer in layers):
+        return (
+            "the model has MoE layers whose experts are sized on the host every step (grouped expert matmuls "
+            "need bf16 on Hopper or later, one process, no expert biases or FP8 experts)"
+        )
     if tp > 1:
         return f"tensor parallelism ({tp} ranks): collectives inside captured graphs are not validated"
     return None

@@ -257,9 +257,11 @@ def test_decode_computes_what_the_spec_built_model_computes(name, spec):
         ("fp8", ["model.hidden_size=128", "model.moe_ffn_hidden_size=128"], False),
     ],
 )
-def test_moe_layers_without_the_dispatcher_compute_what_megatron_computes(precision, sizes, local):
-    """The decoder's own MoE path (router, then each busy expert on its tokens) gives megatron-core's MoELayer
-    output on the same tokens; layers with FP8 expert GEMMs keep megatron's path."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_moe_layers_without_the_dispatcher_compute_what_megatron_computes(precision, sizes, local, grouped):
+    """The decoder's own MoE path (router, then the experts on their tokens: two grouped matmuls over stacked
+    weights, or each busy expert in turn where grouped matmuls are not available) gives megatron-core's
+    MoELayer output on the same tokens; layers with FP8 expert GEMMs keep megatron's path."""
     cfg = compose_config(["model=dsv3_tiny", "model.init_method_std=0.2", f"precision={precision}", *sizes])
     with single_process(cfg), torch.no_grad():
         torch.manual_seed(0)
@@ -269,6 +271,34 @@ def test_moe_layers_without_the_dispatcher_compute_what_megatron_computes(precis
         assert moe
         for mlp in moe:
             assert decoder._local_moe(mlp) == local
+            if not grouped:
+                decoder._stacked[id(mlp)] = None
             h = torch.randn(3, 5, model.config.hidden_size).to(decoder.dtype)  # (s, b, hidden)
             want = mlp(h)[0]
             assert (decoder._moe(mlp, h) - want).abs().max() <= 1e-6 * want.abs().max()
+            assert (decoder._stacked.get(id(mlp)) is not None) == (grouped and local), decoder._stacked
+
+
+def test_stacked_expert_weights_follow_the_trainer():
+    """The grouped MoE path multiplies by copies of the experts' weights: an update made between two
+    ``generate`` calls (here in place through ``.data``, which no version counter sees) is copied into them,
+    into the same storage (a captured graph reads those addresses), so the engine samples what a new engine
+    on the updated weights samples."""
+    cfg = compose_config(["model=dsv3_tiny", "model.init_method_std=0.2"])
+    with single_process(cfg):
+        torch.manual_seed(0)
+        model = build_model(cfg)[0].eval()
+        params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+        engine = RolloutEngine([model])
+        before = engine.generate(PROMPTS, params)
+        stacked = [t.data_ptr() for pair in engine._decoder._stacked.values() if pair for t in pair]
+        assert stacked  # the MoE layers run grouped on the CPU
+        with torch.no_grad():
+            for layer in model.decoder.layers:
+                if isinstance(layer.mlp, MoELayer):
+                    for expert in layer.mlp.experts.local_experts:
+                        expert.linear_fc2.weight.data.mul_(-3.0)
+        after = engine.generate(PROMPTS, params)
+        assert [t.data_ptr() for pair in engine._decoder._stacked.values() if pair for t in pair] == stacked
+        assert [o.token_ids for o in after] == [o.token_ids for o in RolloutEngine([model]).generate(PROMPTS, params)]
+        assert [o.token_ids for o in after] != [o.token_ids for o in before]

@@ -149,16 +149,24 @@ def test_graph_cache_is_reused_and_grown(cpu_graphs):
         assert engine._graphed is None
 
 
-def test_graphs_are_refused_with_a_reason():
+def test_graphs_are_refused_with_a_reason(monkeypatch):
+    """MoE layers are captured only where the decoder runs their experts as grouped matmuls (bf16 on Hopper or
+    later: nothing sized on the host); fp32 on CUDA, an older GPU or the dispatcher's path are refused."""
     cfg = compose_config(["model=dsv3_tiny"])
     with single_process(cfg):
         m = build_model(cfg)[0]
         layers = list(m.decoder.layers)
+        cuda = torch.device("cuda", 0)
         assert "CUDA device" in graph_refusal(layers, torch.device("cpu"), 1)
-        assert "MoE" in graph_refusal(layers, torch.device("cuda", 0), 1)
+        assert "MoE" in graph_refusal(layers, cuda, 1)  # fp32 experts: sized on the host
         with pytest.raises(ValueError, match="cuda_graphs=True cannot be honoured"):
             RolloutEngine([m], cuda_graphs=True)
         assert not RolloutEngine([m]).cuda_graphs
+        m = m.bfloat16()
+        for capability, refused in (((9, 0), False), ((8, 0), True)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            assert (graph_refusal(layers, cuda, 1) is not None) == refused, capability
+        assert "one process" in graph_refusal(layers, cuda, 2)
 
 
 def test_in_place_compaction_and_narrow_views():
