@@ -443,20 +443,23 @@ class CachedDecoder:
         (E, fc1 out, hidden) and ``w2`` (E, hidden, fc2 in); ``probs``, ``routing_map``: (T, E) from the router.
         Every token has exactly top-k experts (no token dropping in ``_local_moe``'s configuration)."""
         k = self.config.moe_router_topk
-        experts = routing_map.to(probs.dtype).topk(k, dim=-1, sorted=False).indices  # (T, k) the chosen experts
-        order = experts.reshape(-1).argsort(stable=True)  # (T * k,) the pairs by expert, tokens in order
-        token = order // k
+        # (T, k) each token's experts, ascending (the order the per-expert loop adds them in)
+        experts = routing_map.to(probs.dtype).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+        order = experts.reshape(-1).argsort(stable=True)  # (T * k,) the (token, expert) pairs by expert
         ends = routing_map.sum(dim=0).cumsum(dim=0).to(torch.int32)  # (E,) each expert's last pair + 1
         scale = probs.gather(1, experts).reshape(-1)[order]  # (T * k,)
-        y = torch._grouped_mm(x[token], w1.transpose(1, 2), offs=ends)  # (T * k, fc1 out)
+        y = torch._grouped_mm(x[order // k], w1.transpose(1, 2), offs=ends)  # (T * k, fc1 out)
         if self.config.gated_linear_unit:
             gate, up = y.chunk(2, dim=-1)
             y = self.config.activation_func(gate) * up
         else:
             y = self.config.activation_func(y)
         y = (y * scale[:, None]).to(x.dtype)
-        y = torch._grouped_mm(y, w2.transpose(1, 2), offs=ends)  # (T * k, hidden)
-        return torch.zeros_like(x).index_add_(0, token, y)  # each token's experts summed in expert order
+        y = torch._grouped_mm(y, w2.transpose(1, 2), offs=ends)  # (T * k, hidden), by expert
+        # Back to (token, expert) order by a gather (no atomic adds: the same sums on every run, deterministic mode
+        # or not), then each token's k outputs summed.
+        y = y[order.argsort()].view(x.shape[0], k, -1)
+        return y.sum(dim=1) if k > 1 else y[:, 0]
 
     def _stacked_weights(self, mlp: MoELayer) -> tuple[Tensor, Tensor] | None:
         """``mlp``'s stacked expert weights (made on first use), or None where they are not multiplied grouped."""
