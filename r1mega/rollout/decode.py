@@ -151,7 +151,11 @@ def grouped_moe(mlp: MoELayer, tp: int, device: torch.device | None = None) -> b
     if not experts or not local_moe(mlp, tp):
         return False
     fc1 = experts[0].linear_fc1
-    biased = any(isinstance(b, Tensor) and b.numel() for e in experts for b in (getattr(e.linear_fc1, "bias", None), getattr(e.linear_fc2, "bias", None)))
+    biased = any(
+        isinstance(b, Tensor) and b.numel()
+        for e in experts
+        for b in (getattr(e.linear_fc1, "bias", None), getattr(e.linear_fc2, "bias", None))
+    )
     return not biased and grouped_mm_works(device or fc1.weight.device, fc1.weight.dtype)
 
 
@@ -467,7 +471,10 @@ class CachedDecoder:
         if key not in self._stacked:
             experts = mlp.experts.local_experts
             self._stacked[key] = (
-                (torch.stack([e.linear_fc1.weight for e in experts]), torch.stack([e.linear_fc2.weight for e in experts]))
+                (
+                    torch.stack([e.linear_fc1.weight for e in experts]),
+                    torch.stack([e.linear_fc2.weight for e in experts]),
+                )
                 if grouped_moe(mlp, self.tp)
                 else None
             )

@@ -101,8 +101,8 @@ class RolloutEngine:
     """Samples completions from the model chunks a trainer holds (weights shared, never copied).
 
     ``cuda_graphs``: replay the decode step as CUDA graphs (True), never (False), or when the model allows
-    it (None: on CUDA without tensor parallelism, a dense model or grouped MoE experts; ``graphs.graph_refusal``). Graphs keep
-    a KV cache on the device between calls; ``release`` frees it. ``groups``: the process groups of a model
+    it (None: on CUDA without tensor parallelism, a dense model or MoE experts that run grouped; see
+    ``graphs.graph_refusal``). Graphs keep a KV cache on the device between calls; ``release`` frees it. ``groups``: the process groups of a model
     split by tensor or expert parallelism (``ParallelContext.groups``); None for a model on one process.
 
     ``max_batch``: continuous batching, at most this many rows decode at once and finished rows are replaced
@@ -487,9 +487,7 @@ class RolloutEngine:
         positions = (batch.lens + t).clamp(max=max_len - 1)  # (size,) position of the new token
         return StepInputs(slot, positions[:, None], batch.key_bias[:, None, : slot + 1])
 
-    def _record(
-        self, rows: list[int], sampled: tuple[list[int], list[float]], out: RowOutputs
-    ) -> None:
+    def _record(self, rows: list[int], sampled: tuple[list[int], list[float]], out: RowOutputs) -> None:
         """Append a step's sampled tokens and log-probabilities (host lists, one per cache row; ``rows``: the
         prompt of each row when they were sampled) to the outputs of the prompts still running; a prompt whose
         completion ends here (a stop, or the length limit) gets its reason and takes no more tokens."""
