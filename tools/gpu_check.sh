@@ -21,8 +21,8 @@ OUT=${OUT:-$(mktemp -d)}
 LOGS="$OUT/gpu_check"
 mkdir -p "$LOGS"
 PARTS=${PARTS:-"env tests train rollout"}
-T_TESTS=${T_TESTS:-240}
-T_TRAIN=${T_TRAIN:-170}
+T_TESTS=${T_TESTS:-210}
+T_TRAIN=${T_TRAIN:-200}
 T_ROLLOUT=${T_ROLLOUT:-180}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)

@@ -54,3 +54,15 @@ def test_linear_forward_and_grads_match_emulation(m: int) -> None:
         assert _rel(got, want) < 1e-2
     exact = x.float() @ w.float().t()
     assert _rel(results[0][0], exact) < 0.06
+
+
+def test_fused_quantisation_compiles_on_the_gpu_and_gives_the_eager_codes() -> None:
+    """CUDA tensors take the compiled quantisers (one Triton kernel each): they compile on this machine (else
+    FP8 layers quantise eagerly, with a logged reason) and give the eager codes and scales bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for quantizer, shape in ((fp8.fused_quantize_1x128, (1000, 1024)), (fp8.fused_quantize_128x128, (1536, 1024))):
+        x = torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16)
+        q, s = quantizer(x)
+        q_ref, s_ref = quantizer.fn(x)
+        assert quantizer.ok, f"{quantizer.fn.__name__} did not compile: see the INFO log"
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)

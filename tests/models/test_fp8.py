@@ -187,3 +187,28 @@ def test_fp8_preset_picks_te_with_te_and_torch_without() -> None:
     assert fp8_backend(cfg, GPU_TE) == "te" and fp8_backend(cfg, CPU) == "torch"
     validate(cfg, world_size=1, accel=CPU)
     validate(cfg, world_size=1, accel=GPU_TE)
+
+
+@pytest.mark.parametrize(
+    ("fused", "shape", "dtype"),
+    [
+        ("fused_quantize_1x128", (200, 384), torch.bfloat16),
+        ("fused_quantize_1x128", (3, 200), torch.float32),
+        ("fused_quantize_128x128", (300, 200), torch.bfloat16),
+    ],
+)
+def test_fused_quantisation_gives_the_eager_codes_and_scales(fused: str, shape: tuple[int, int], dtype) -> None:
+    """The compiled quantisers (what CUDA tensors take: one fused kernel instead of ~10) compute the eager
+    function's e4m3 codes and scales bit for bit, across two shapes of the one dynamic-shape compile. Compiled
+    here on the CPU (inductor's C++ backend); on a GPU the same graph goes to Triton (``tests/gpu``)."""
+    quantizer = getattr(fp8, fused)
+    gen = torch.Generator().manual_seed(3)
+    with torch.compiler.set_stance("default"):  # CPU processes run torch.compile eagerly (bootstrap)
+        for rows in (shape[0], shape[0] + 37):
+            x = (torch.randn(rows, shape[1], generator=gen) * torch.logspace(-3, 3, shape[1])).to(dtype)
+            x[0, :5] = 0.0  # a partly zero tile
+            q, s = quantizer.compiled(x)
+            q_ref, s_ref = quantizer.fn(x)
+            assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+            assert torch.equal(s, s_ref)
+    assert quantizer(x)[0].dtype == torch.float8_e4m3fn  # a CPU tensor takes the eager function
