@@ -144,11 +144,11 @@ def local_moe(mlp: MoELayer, tp: int) -> bool:
 
 def grouped_moe(mlp: MoELayer, tp: int, device: torch.device | None = None) -> bool:
     """Whether the decoder runs the MoE layer ``mlp``'s experts as grouped matmuls (``_experts_grouped``) on
-    ``device`` (default: where the experts are): its own MoE path (``local_moe``), experts without biases, and
-    a device and weight dtype that ``grouped_mm_works`` for. Such a layer never reads the device on the host,
-    so a CUDA graph can capture it."""
+    ``device`` (default: where the experts are): its own MoE path (``local_moe``), experts without biases, no
+    token dropping (every token has exactly top-k experts) and a device and weight dtype that
+    ``grouped_mm_works`` for. Such a layer never reads the device on the host, so a CUDA graph can capture it."""
     experts = mlp.experts.local_experts if isinstance(mlp.experts, SequentialMLP) else []
-    if not experts or not local_moe(mlp, tp):
+    if not experts or not local_moe(mlp, tp) or getattr(mlp.config, "moe_expert_capacity_factor", None) is not None:
         return False
     fc1 = experts[0].linear_fc1
     biased = any(

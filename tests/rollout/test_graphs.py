@@ -166,6 +166,10 @@ def test_graphs_are_refused_with_a_reason(monkeypatch):
         for capability, refused in (((9, 0), False), ((8, 0), True)):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
             assert (graph_refusal(layers, cuda, 1) is not None) == refused, capability
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        assert graph_refusal(layers, cuda, 1) is None
+        monkeypatch.setattr(m.config, "moe_expert_capacity_factor", 1.0)  # dropped tokens: fewer than top-k experts
+        assert "MoE" in graph_refusal(layers, cuda, 1)
         assert "one process" in graph_refusal(layers, cuda, 2)
 
 
