@@ -159,6 +159,17 @@ def grouped_moe(mlp: MoELayer, tp: int, device: torch.device | None = None) -> b
     return not biased and grouped_mm_works(device or fc1.weight.device, fc1.weight.dtype)
 
 
+def _stack_experts(mlp: MoELayer, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The weights of ``mlp``'s experts stacked, ``(E, out, in)`` for ``fc1`` and for ``fc2``: new tensors, or
+    copied into ``out`` in place."""
+    experts = mlp.experts.local_experts
+    fc1, fc2 = out if out is not None else (None, None)
+    return (
+        torch.stack([e.linear_fc1.weight for e in experts], out=fc1),
+        torch.stack([e.linear_fc2.weight for e in experts], out=fc2),
+    )
+
+
 class CachedDecoder:
     """KV-cached forward of a megatron-core ``GPTModel``: the whole model, or this rank's pipeline chunks
     (``model`` a list of chunks, in virtual-stage order, with ``pp_group`` the pipeline group)."""
@@ -423,7 +434,7 @@ class CachedDecoder:
         x = h.reshape(s * b, hidden)
         stacked = self._stacked_weights(mlp)
         if stacked is not None:
-            out = self._experts_grouped(mlp, x, probs, routing_map, *stacked)
+            out = self._experts_grouped(x, probs, routing_map, *stacked)
         else:
             out = torch.zeros_like(x)
             counts = routing_map.sum(dim=0).tolist()  # tokens per expert (a host sync, as the dispatcher's)
@@ -440,9 +451,7 @@ class CachedDecoder:
             out = out + z
         return out
 
-    def _experts_grouped(
-        self, mlp: MoELayer, x: Tensor, probs: Tensor, routing_map: Tensor, w1: Tensor, w2: Tensor
-    ) -> Tensor:
+    def _experts_grouped(self, x: Tensor, probs: Tensor, routing_map: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         """The routed experts on tokens ``x`` (T, hidden) as two grouped matmuls over the stacked weights ``w1``
         (E, fc1 out, hidden) and ``w2`` (E, hidden, fc2 in); ``probs``, ``routing_map``: (T, E) from the router.
         Every token has exactly top-k experts (no token dropping in ``_local_moe``'s configuration)."""
@@ -469,15 +478,7 @@ class CachedDecoder:
         """``mlp``'s stacked expert weights (made on first use), or None where they are not multiplied grouped."""
         key = id(mlp)
         if key not in self._stacked:
-            experts = mlp.experts.local_experts
-            self._stacked[key] = (
-                (
-                    torch.stack([e.linear_fc1.weight for e in experts]),
-                    torch.stack([e.linear_fc2.weight for e in experts]),
-                )
-                if grouped_moe(mlp, self.tp)
-                else None
-            )
+            self._stacked[key] = _stack_experts(mlp) if grouped_moe(mlp, self.tp) else None
         return self._stacked[key]
 
     def refresh_weights(self) -> None:
@@ -487,9 +488,7 @@ class CachedDecoder:
         for layer in self.layers:
             stacked = self._stacked.get(id(layer.mlp))
             if stacked is not None:
-                experts = layer.mlp.experts.local_experts
-                torch.stack([e.linear_fc1.weight for e in experts], out=stacked[0])
-                torch.stack([e.linear_fc2.weight for e in experts], out=stacked[1])
+                _stack_experts(layer.mlp, out=stacked)
 
     # ---- the step ------------------------------------------------------------------------------------------
 

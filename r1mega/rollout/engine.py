@@ -96,6 +96,10 @@ class _Batch:
         """Cache rows the model runs (real rows plus graph padding)."""
         return self.key_bias.shape[0]
 
+    def update_live(self, out: RowOutputs) -> None:
+        """``live`` from the outputs recorded so far: a row is live while its prompt's completion runs."""
+        self.live = [out.reasons[r] is None for r in self.rows]
+
 
 class RolloutEngine:
     """Samples completions from the model chunks a trainer holds (weights shared, never copied).
@@ -304,7 +308,7 @@ class RolloutEngine:
 
     def _to_host(self, tokens: torch.Tensor, logps: torch.Tensor) -> tuple[list[int], list[float]]:
         """Sampled tokens and log-probabilities as Python lists: one device-to-host transfer for both."""
-        return self._read_host(self._send_host(tokens, logps))
+        return self._read_host(*self._send_host(tokens, logps))
 
     def _send_host(self, tokens: torch.Tensor, logps: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start moving ``tokens`` and ``logps`` (rows,) to the host in one transfer: on CUDA a copy into pinned
@@ -319,9 +323,9 @@ class RolloutEngine:
         return host, done
 
     @staticmethod
-    def _read_host(sent: tuple[torch.Tensor, Any]) -> tuple[list[int], list[float]]:
-        """The lists of a ``_send_host`` transfer, once it has arrived (work queued after it may still run)."""
-        host, done = sent
+    def _read_host(host: torch.Tensor, done: Any = None) -> tuple[list[int], list[float]]:
+        """The lists of (2, rows) tokens and log-probabilities on the host: a ``_send_host`` transfer once it has
+        arrived (``done``, its event; work queued after it may still run)."""
         if done is not None:
             done.synchronize()
         return [int(x) for x in host[0].tolist()], host[1].tolist()
@@ -517,7 +521,7 @@ class RolloutEngine:
             for t in itertools.count():
                 tokens, logps = self._sample(logits[: len(batch.rows)], params)  # (real rows,) on the device
                 self._record(batch.rows, self._to_host(tokens, logps), out)
-                batch.live = [out.reasons[r] is None for r in batch.rows]
+                batch.update_live(out)
                 self.stats.steps = t + 1
                 if not self._any_rank_active(any(batch.live)):
                     break
@@ -554,9 +558,9 @@ class RolloutEngine:
             last = t + 1 >= params.max_new_tokens  # every row ends with step t's token
             if not last:
                 logits = self._step(batch, decoder, t, width, max_len)  # queued: reads step t's tokens on the device
-            self._record(rows, self._read_host(sent), out)  # step t's tokens, while the device runs the forward
+            self._record(rows, self._read_host(*sent), out)  # step t's tokens, while the device runs the forward
             self.stats.steps = t + 1
-            batch.live = [out.reasons[r] is None for r in batch.rows]
+            batch.update_live(out)
             if last or not any(batch.live):
                 return
             tokens, logps = self._sample(logits[: len(batch.rows)], params, sync_free=True)  # step t + 1

@@ -225,9 +225,9 @@ def test_the_graph_loop_queues_each_forward_before_reading_its_tokens(cpu_graphs
         events.append(f"step{t}")
         return step(self, batch, decoder, t, width, max_len)
 
-    def log_read(sent):
+    def log_read(host, done=None):
         events.append("read")
-        return read(sent)
+        return read(host, done)
 
     def log_sample(self, logits, params, sync_free=False):
         events.append("sample" if sync_free else "sample(sync)")
