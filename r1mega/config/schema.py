@@ -141,6 +141,11 @@ class ModelConfig:
     """Weight of the auxiliary balancing loss (DeepSeek-V3: 1e-4, sequence-wise)."""
     moe_token_dispatcher_type: str = "alltoall"
     """Token dispatcher: alltoall or allgather."""
+    moe_experts: str = "auto"
+    """How the routed experts run: grouped (two grouped GEMMs per layer: Transformer Engine's TEGroupedMLP, or
+    ``torch._grouped_mm`` in the local spec), sequential (megatron-core's SequentialMLP, one expert at a time),
+    or auto: grouped with Transformer Engine or a bf16 Hopper GPU, sequential otherwise (the CPU, fp32, the
+    torch FP8 backend). Resuming needs the setting the checkpoint was saved with; its weights load either way."""
 
     mtp_num_layers: int = 0
     """Multi-token prediction layers (DeepSeek-V3: 1)."""
@@ -161,6 +166,7 @@ class ModelConfig:
             ("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),
         )
         _check_choice("model.moe_token_dispatcher_type", self.moe_token_dispatcher_type, ("alltoall", "allgather"))
+        _check_choice("model.moe_experts", self.moe_experts, ("auto", "grouped", "sequential"))
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 "model.num_query_groups",

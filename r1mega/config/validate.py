@@ -18,13 +18,16 @@ class Accelerator:
 
     cuda: bool
     transformer_engine: bool
+    grouped_gemm: bool = False
+    """``torch._grouped_mm``'s bf16 CUDA kernels run here (a Hopper GPU or newer, sm_90+)."""
 
 
 def detect_accelerator() -> Accelerator:
-    """CUDA and Transformer Engine availability, without importing megatron-core."""
+    """CUDA, Transformer Engine and grouped-GEMM availability, without importing megatron-core."""
     import torch
 
     cuda = torch.cuda.is_available()
+    grouped = cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability()[0] >= 9
     te = False
     if cuda:
         try:  # TE raises RuntimeError (not ImportError) when its CUDA libraries are missing
@@ -33,7 +36,7 @@ def detect_accelerator() -> Accelerator:
             te = True
         except Exception:
             te = False
-    return Accelerator(cuda=cuda, transformer_engine=te)
+    return Accelerator(cuda=cuda, transformer_engine=te, grouped_gemm=grouped)
 
 
 def data_parallel_size(cfg: R1Config, world_size: int) -> int:
@@ -78,6 +81,7 @@ def validate(cfg: R1Config, world_size: int | None = None, accel: Accelerator | 
     _validate_pipeline(cfg)
     _validate_recompute(cfg, accel)
     _validate_precision(cfg, accel)
+    _validate_moe_experts(cfg, accel)
     if cfg.stage.name != "grpo":  # GRPO's batch is grpo.prompts_per_step x grpo.group_size (checked below)
         _validate_batches(cfg, dp)
     if cfg.stage.name == "grpo":
@@ -219,11 +223,12 @@ def _validate_recompute(cfg: R1Config, accel: Accelerator) -> None:
         for name in p.recompute_modules:
             if name in needs and not needs[name]:
                 raise ConfigError("parallel.recompute_modules", name, f"a module model={m.name} has ({name} needs it)")
-            if name == "moe_act":
+            if name == "moe_act" and not (uses_transformer_engine(cfg, accel) and moe_experts(cfg, accel) == "grouped"):
                 raise ConfigError(
                     "parallel.recompute_modules",
                     name,
-                    "not moe_act: it needs grouped-GEMM experts, which r1mega's local spec does not use",
+                    "not moe_act without Transformer Engine's grouped experts (megatron-core 0.16.1 recomputes "
+                    "the expert activation through CheckpointWithoutOutput, which reads TE's FP8 state)",
                 )
             if name == "layernorm" and not accel.transformer_engine:
                 # megatron-core 0.16.1's CheckpointWithoutOutput() sets fp8 = (False is not None) and then reads
@@ -243,6 +248,77 @@ def fp8_backend(cfg: R1Config, accel: Accelerator) -> str | None:
     if pr.fp8_backend != "auto":
         return pr.fp8_backend
     return "te" if accel.cuda and accel.transformer_engine and pr.transformer_impl != "local" else "torch"
+
+
+def uses_transformer_engine(cfg: R1Config, accel: Accelerator) -> bool:
+    """TE layers when asked for, or on ``auto`` when TE runs on a GPU here (and FP8, if on, is TE's)."""
+    impl = cfg.precision.transformer_impl
+    if impl == "local":
+        return False
+    if impl == "auto":
+        return accel.cuda and accel.transformer_engine and fp8_backend(cfg, accel) != "torch"
+    return True
+
+
+def moe_experts(cfg: R1Config, accel: Accelerator) -> str | None:
+    """How the routed experts run, "grouped" or "sequential" (``model.moe_experts=auto`` resolved); None when
+    the model is dense. Auto groups them where a grouped GEMM runs fast: Transformer Engine's, or torch's in
+    bf16 on Hopper (not with the torch FP8 backend, whose FP8 linears are per expert)."""
+    m = cfg.model
+    if not m.is_moe:
+        return None
+    if m.moe_experts != "auto":
+        return m.moe_experts
+    if uses_transformer_engine(cfg, accel):
+        return "grouped"
+    local_ok = (
+        accel.grouped_gemm
+        and cfg.precision.dtype == "bf16"
+        and fp8_backend(cfg, accel) != "torch"
+        and _grouped_misalignment(cfg) is None
+    )
+    return "grouped" if local_ok else "sequential"
+
+
+def _grouped_misalignment(cfg: R1Config) -> str | None:
+    """Why ``torch._grouped_mm`` cannot take this model's expert matrices (their rows must start 16 bytes
+    apart), or None."""
+    m = cfg.model
+    width = 16 // (2 if cfg.precision.dtype == "bf16" else 4)  # elements per 16 bytes
+    ffn = (m.moe_ffn_hidden_size or 0) // cfg.parallel.etp  # each rank's share of an expert's intermediate size
+    for key, size in (("model.hidden_size", m.hidden_size), ("model.moe_ffn_hidden_size / parallel.etp", ffn)):
+        if size % width:
+            return f"{key} = {size} is not a multiple of {width}"
+    return None
+
+
+def _validate_moe_experts(cfg: R1Config, accel: Accelerator) -> None:
+    """Grouped experts in the local spec: ``torch._grouped_mm`` in bf16 on a CUDA GPU, any float dtype on a CPU."""
+    if moe_experts(cfg, accel) != "grouped" or uses_transformer_engine(cfg, accel):
+        return
+    import torch
+
+    if not hasattr(torch, "_grouped_mm"):
+        raise ConfigError("model.moe_experts", "grouped", f"sequential: torch {torch.__version__} has no _grouped_mm")
+    misaligned = _grouped_misalignment(cfg)
+    if misaligned is not None:
+        raise ConfigError("model.moe_experts", "grouped", f"sequential: {misaligned} (grouped GEMMs need 16 bytes)")
+    if fp8_backend(cfg, accel) == "torch":
+        raise ConfigError(
+            "model.moe_experts",
+            "grouped",
+            "sequential or auto with precision.fp8_backend=torch (its FP8 expert linears run one expert at a time)",
+        )
+    if accel.cuda and cfg.precision.dtype != "bf16":
+        raise ConfigError(
+            "model.moe_experts",
+            "grouped",
+            f"sequential or auto with precision.dtype={cfg.precision.dtype} on a GPU (torch's grouped GEMM is bf16)",
+        )
+    if accel.cuda and not accel.grouped_gemm:
+        raise ConfigError(
+            "model.moe_experts", "grouped", "sequential or auto on this GPU: torch's grouped GEMM needs sm_90+"
+        )
 
 
 def _validate_precision(cfg: R1Config, accel: Accelerator) -> None:

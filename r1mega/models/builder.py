@@ -18,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import detect_accelerator, fp8_backend
+from r1mega.config.validate import detect_accelerator, fp8_backend, moe_experts, uses_transformer_engine
 from r1mega.models import spec
 from r1mega.models.registry import get_family
 
@@ -34,13 +34,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def use_transformer_engine(cfg: R1Config) -> bool:
     """TE layers when asked for, or on ``auto`` when TE runs on a GPU here (and FP8, if on, is TE's)."""
-    impl = cfg.precision.transformer_impl
-    if impl == "local":
-        return False
-    accel = detect_accelerator()
-    if impl == "auto":
-        return accel.cuda and accel.transformer_engine and fp8_backend(cfg, accel) != "torch"
-    return True
+    return cfg.precision.transformer_impl != "local" and uses_transformer_engine(cfg, detect_accelerator())
 
 
 def use_torch_fp8(cfg: R1Config) -> bool:
@@ -48,7 +42,7 @@ def use_torch_fp8(cfg: R1Config) -> bool:
     return fp8_backend(cfg, detect_accelerator()) == "torch"
 
 
-def _moe_kwargs(cfg: R1Config, use_te: bool) -> dict[str, Any]:
+def _moe_kwargs(cfg: R1Config) -> dict[str, Any]:
     m = cfg.model
     if not m.is_moe:
         return {}
@@ -68,7 +62,7 @@ def _moe_kwargs(cfg: R1Config, use_te: bool) -> dict[str, Any]:
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
         moe_router_dtype="fp32",
-        moe_grouped_gemm=use_te,
+        moe_grouped_gemm=moe_experts(cfg, detect_accelerator()) == "grouped",
         moe_permute_fusion=False,
         moe_router_fusion=False,
     )
@@ -150,7 +144,7 @@ def transformer_config(cfg: R1Config) -> TransformerConfig:
         # TE's FP8 only: the torch backend's FP8 lives in the layer spec, and megatron would look for TE.
         fp8=pr.fp8 if te_fp8 else None,
         fp8_recipe=pr.fp8_recipe if te_fp8 else "delayed",
-        **_moe_kwargs(cfg, use_te),
+        **_moe_kwargs(cfg),
     )
     if m.multi_latent_attention:
         return MLATransformerConfig(**kwargs, **_mla_kwargs(cfg))

@@ -44,6 +44,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from r1mega.models.attention import SDPACoreAttention
 from r1mega.models.fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
+from r1mega.models.grouped_experts import TorchGroupedMLP
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -100,6 +101,15 @@ class R1LocalSpecProvider(LocalSpecProvider):
     def core_attention(self) -> type:
         return SDPACoreAttention
 
+    def grouped_mlp_modules(
+        self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool
+    ) -> tuple[type, MLPSubmodules | None]:
+        """Grouped experts by ``torch._grouped_mm`` (megatron-core's own GroupedMLP needs the grouped_gemm
+        package), else megatron-core's SequentialMLP."""
+        if moe_use_grouped_gemm:
+            return TorchGroupedMLP, None
+        return super().grouped_mlp_modules(False, False)
+
 
 class R1FP8LocalSpecProvider(R1LocalSpecProvider):
     """The local modules with DeepSeek-V3's blockwise FP8 linears (torch scaled matmul), experts included.
@@ -130,7 +140,11 @@ def _local_layer_spec(config: TransformerConfig, moe: bool, fp8: bool = False) -
     """A transformer layer from megatron-core's local modules (no TE, no apex); FP8 linears with ``fp8``."""
     backend = _local_backend(fp8)
     norm = backend.layer_norm(rms_norm=True)
-    mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=config.num_moe_experts if moe else None)
+    mlp = get_mlp_module_spec_for_backend(
+        backend=backend,
+        num_experts=config.num_moe_experts if moe else None,
+        moe_grouped_gemm=config.moe_grouped_gemm and moe,
+    )
     if config.multi_latent_attention:
         allow_duplicated_mla_down_projections()
         attention = ModuleSpec(

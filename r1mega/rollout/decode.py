@@ -11,7 +11,8 @@ reads their weights, so there is one set of weights and no conversion step betwe
 - **MoE** layers on one process are computed by the decoder from the layer's modules: its router (scores,
   group-limited top-k, the expert bias), the routed experts on their tokens (as two grouped matmuls over
   stacked copies of the experts' weights where ``torch._grouped_mm`` runs: the CPU, bf16 on Hopper; else
-  each busy expert in turn) and the shared experts. Under expert or tensor parallelism the layers are
+  each busy expert in turn; grouped experts, ``model.moe_experts=grouped``, are stacked already) and the
+  shared experts. Under expert or tensor parallelism the layers are
   called as modules (router, token dispatcher, experts), so expert parallelism works as in training; with
   sequence parallelism each TP rank routes its share of the tokens and the outputs are all-gathered.
 
@@ -56,6 +57,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from r1mega.models.fp8 import fake_quantize_1x128, fake_quantize_128x128, fp8_blockwise_linear, is_fp8_layer
+from r1mega.models.grouped_experts import TorchGroupedMLP
 from r1mega.rollout.kv_cache import KVCache
 
 
@@ -126,14 +128,19 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 def local_moe(mlp: MoELayer, tp: int) -> bool:
     """Whether the decoder computes the MoE layer ``mlp`` itself (``CachedDecoder._moe_local``): every expert on
-    this process (no tensor or expert parallelism, ``tp`` = 1) as megatron-core's SequentialMLP, in the plain
-    configuration (no latent projection, no FP8, probabilities applied after the activation, no clamped or
-    offset GLU); else megatron-core's layer (router, token dispatcher, experts) runs."""
-    c = mlp.config
+    this process (no tensor or expert parallelism, ``tp`` = 1) as megatron-core's SequentialMLP, or as
+    r1mega's ``TorchGroupedMLP`` where ``grouped_mm_works`` for its weights, in the plain configuration (no latent
+    projection, no FP8, probabilities applied after the activation, no clamped or offset GLU); else
+    megatron-core's layer (router, token dispatcher, experts) runs."""
+    c, experts = mlp.config, mlp.experts
+    if isinstance(experts, TorchGroupedMLP):
+        supported = grouped_mm_works(experts.weight1.device, experts.weight1.dtype)
+    else:
+        supported = isinstance(experts, SequentialMLP)
     return (
         tp == 1
         and c.expert_model_parallel_size == 1
-        and isinstance(mlp.experts, SequentialMLP)
+        and supported
         and not getattr(c, "moe_latent_size", None)
         and not c.moe_apply_probs_on_input
         and getattr(c, "activation_func_clamp_value", None) is None
@@ -147,9 +154,12 @@ def grouped_moe(mlp: MoELayer, tp: int, device: torch.device | None = None) -> b
     ``device`` (default: where the experts are): its own MoE path (``local_moe``), experts without biases, no
     token dropping (every token has exactly top-k experts) and a device and weight dtype that
     ``grouped_mm_works`` for. Such a layer never reads the device on the host, so a CUDA graph can capture it."""
-    experts = mlp.experts.local_experts if isinstance(mlp.experts, SequentialMLP) else []
-    if not experts or not local_moe(mlp, tp) or getattr(mlp.config, "moe_expert_capacity_factor", None) is not None:
+    if not local_moe(mlp, tp) or getattr(mlp.config, "moe_expert_capacity_factor", None) is not None:
         return False
+    if isinstance(mlp.experts, TorchGroupedMLP):  # no biases (megatron-core's GroupedMLP refuses them)
+        weight = mlp.experts.weight1
+        return grouped_mm_works(device or weight.device, weight.dtype)
+    experts = mlp.experts.local_experts
     fc1 = experts[0].linear_fc1
     biased = any(
         isinstance(b, Tensor) and b.numel()
@@ -161,12 +171,19 @@ def grouped_moe(mlp: MoELayer, tp: int, device: torch.device | None = None) -> b
 
 def _stack_experts(mlp: MoELayer, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The weights of ``mlp``'s experts stacked, ``(E, out, in)`` for ``fc1`` and for ``fc2``: new tensors, or
-    copied into ``out`` in place."""
-    experts = mlp.experts.local_experts
+    copied into ``out`` in place. Grouped experts (``TorchGroupedMLP``) are stacked already: views of their
+    parameters, whatever ``out``."""
+    experts = mlp.experts
+    if isinstance(experts, TorchGroupedMLP):
+        count, hidden = experts.num_local_experts, experts.config.hidden_size
+        return (
+            experts.weight1.view(count, hidden, -1).transpose(1, 2),
+            experts.weight2.view(count, -1, hidden).transpose(1, 2),
+        )
     fc1, fc2 = out if out is not None else (None, None)
     return (
-        torch.stack([e.linear_fc1.weight for e in experts], out=fc1),
-        torch.stack([e.linear_fc2.weight for e in experts], out=fc2),
+        torch.stack([e.linear_fc1.weight for e in experts.local_experts], out=fc1),
+        torch.stack([e.linear_fc2.weight for e in experts.local_experts], out=fc2),
     )
 
 
@@ -484,11 +501,11 @@ class CachedDecoder:
     def refresh_weights(self) -> None:
         """Copy the experts' current weights into their stacked copies, in place (a captured graph reads those
         addresses): the engine calls this at the start of every ``generate``, since training updates the
-        experts between calls."""
+        experts between calls. Grouped experts' stacked weights are views of their parameters: nothing to copy."""
         for layer in self.layers:
             stacked = self._stacked.get(id(layer.mlp))
             if stacked is not None:
-                _stack_experts(layer.mlp, out=stacked)
+                self._stacked[id(layer.mlp)] = _stack_experts(layer.mlp, out=stacked)
 
     # ---- the step ------------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from bench_utils import BENCH_DIR
 
 from r1mega.config.load import compose_config
@@ -17,38 +18,54 @@ from rollout_floor import (  # noqa: E402
     MatmulFloor,
     PrefillFloor,
     StepFloor,
-    decode_matmuls,
     mean_attended,
+    named_decode_matmuls,
+    routed_weight,
 )
 
 
-@pytest.mark.parametrize("name", ["qwen2_tiny", "llama_tiny", "dsv3_tiny"])
+@pytest.mark.parametrize("name", ["qwen2_tiny", "llama_tiny", "dsv3_tiny", "dsv3_tiny-grouped"])
 def test_decode_and_prefill_matmuls(name: str) -> None:
     """A decode step multiplies every weight matrix of the main model (the output layer: the tied embedding or its
-    own) by ``batch`` rows, a routed expert's by its mean share; a prefill every weight by the prompt tokens and
-    the output layer by the prompts' last positions only. The MTP module is not part of either."""
-    cfg = compose_config([f"model={name}", "model.mtp_num_layers=0"] if name == "dsv3_tiny" else [f"model={name}"])
+    own) by ``batch`` rows, a routed expert's by its mean share (grouped experts: each expert's block of the
+    stacked weights); a prefill every weight by the prompt tokens and the output layer by the prompts' last
+    positions only. The MTP module is not part of either."""
+    name, _, grouped = name.partition("-")
+    overrides = [f"model={name}", "model.mtp_num_layers=0"] if name == "dsv3_tiny" else [f"model={name}"]
+    cfg = compose_config([*overrides, "model.moe_experts=grouped"] if grouped else overrides)
     with single_process(cfg):
         model = build_model(cfg)[0]
-        weights = {id(p): n for n, p in model.named_parameters() if p.dim() == 2}
-        head = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-        head = head if head is not None else model.output_layer.weight
+        params = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+        head = "output_layer.weight" if "output_layer.weight" in params else "embedding.word_embeddings.weight"
         experts, top_k = model.config.num_moe_experts or 1, model.config.moe_router_topk
-        decode, prefill = decode_matmuls(model, 8), decode_matmuls(model, 40, head_rows=2)
-        assert [id(w) for _, w in decode] == [id(w) for _, w in prefill]
-        names = {weights[id(w)] for _, w in decode}
-        assert id(head) in {id(w) for _, w in decode} and len(names) == len(decode)
-        if not model.share_embeddings_and_output_weights:
+        decode, prefill = named_decode_matmuls(model, 8), named_decode_matmuls(model, 40, head_rows=2)
+        names = [n for n, _, _ in decode]
+        assert names == [n for n, _, _ in prefill] and len(set(names)) == len(names)
+        assert head in names
+        if head == "output_layer.weight":
             assert "embedding.word_embeddings.weight" not in names  # a lookup, not a matmul
-        for (n_decode, w), (n_prefill, _) in zip(decode, prefill, strict=True):
-            routed = ".local_experts." in weights[id(w)]
-            if w is head:
+        for (n, n_decode, w), (_, n_prefill, _) in zip(decode, prefill, strict=True):
+            if n == head:
                 assert (n_decode, n_prefill) == (8, 2)
-            elif routed:
+            elif routed_weight(n):
                 assert (n_decode, n_prefill) == (round(8 * top_k / experts), round(40 * top_k / experts))
             else:
                 assert (n_decode, n_prefill) == (8, 40)
-        assert any(".local_experts." in n for n in names) == (name == "dsv3_tiny")
+            if n in params:
+                assert w is params[n]
+        assert any(routed_weight(n) for n in names) == (name == "dsv3_tiny")
+        if grouped:  # each expert's block of the stacked weights, as the layer multiplies it
+            assert not any(".local_experts." in n for n in names)
+            layer = model.decoder.layers[1].mlp.experts
+            w1 = dict((n, w) for n, _, w in decode)["decoder.layers.1.mlp.experts.weight1.5"]
+            assert torch.equal(w1.t(), layer.weight1.view(8, model.config.hidden_size, -1)[5])
+            assert sum(routed_weight(n) for n in names) == 2 * 8 * 3  # fc1 and fc2 of 8 experts in 3 MoE layers
+        assert routed_weight("x.experts.weight1.0") and not routed_weight("x.experts.linear_fc1.weight")
+        assert sum(w.numel() for _, _, w in decode) == sum(
+            p.numel()
+            for n, p in params.items()
+            if not n.startswith("mtp.") and (n != "embedding.word_embeddings.weight" or head == n)
+        )
 
         floor = PrefillFloor(model, [5, 7, 9], batch=2)  # two prefills: 12 tokens of 2 prompts, 9 tokens of 1
         assert [(f.batch, len(f.pairs)) for f in floor.floors] == [(12, len(decode)), (9, len(decode))]

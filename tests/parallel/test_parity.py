@@ -1,5 +1,6 @@
 """TP=2, PP=2 (also with two virtual stages per rank: megatron's interleaved schedule) and EP=2 over two gloo
-processes give the single-process loss and gradients (MoE + MLA + MTP)."""
+processes give the single-process loss and gradients (MoE + MLA + MTP), with megatron-core's SequentialMLP
+experts and with grouped ones (``model.moe_experts=grouped``)."""
 
 import json
 import os
@@ -28,6 +29,10 @@ LAYOUTS = {
     # 4 layers as 4 virtual stages over 2 ranks, 2 micro-batches: each chunk must see every micro-batch in order
     "pp2vpp2": ["pp2", "parallel.virtual_pipeline_model_parallel_size=2"],
     "ep2": ["ep2"],
+    # grouped experts (torch._grouped_mm) against the single process's SequentialMLP: expert and tensor
+    # parallelism split their stacked weights, and their checkpoints load into SequentialMLP and back
+    "ep2-grouped": ["ep2", "model.moe_experts=grouped"],
+    "tp2-grouped": ["tp2", "model.moe_experts=grouped"],
 }
 
 

@@ -9,6 +9,7 @@ from r1mega.config.load import compose_config
 from r1mega.data.tokenizer import train_tokenizer
 from r1mega.models.builder import build_model, transformer_config
 from r1mega.models.forward import forward_logits
+from r1mega.models.grouped_experts import TorchGroupedMLP
 from r1mega.parallel.bootstrap import single_process
 from r1mega.rollout.decode import CachedDecoder
 from r1mega.rollout.engine import RolloutEngine
@@ -277,6 +278,37 @@ def test_moe_layers_without_the_dispatcher_compute_what_megatron_computes(precis
             want = mlp(h)[0]
             assert (decoder._moe(mlp, h) - want).abs().max() <= 1e-6 * want.abs().max()
             assert (decoder._stacked.get(id(mlp)) is not None) == (grouped and local), decoder._stacked
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grouped_experts_decode_from_their_own_weights(precision):
+    """With ``model.moe_experts=grouped`` the decoder's MoE path multiplies the layer's stacked parameters
+    themselves (views, no copies to refresh) and gives megatron-core's layer output; an in-place update is seen
+    by the next ``generate`` as by a new engine."""
+    cfg = compose_config(
+        ["model=dsv3_tiny", "model.init_method_std=0.2", f"precision={precision}", "model.moe_experts=grouped"]
+    )
+    with single_process(cfg), torch.no_grad():
+        torch.manual_seed(0)
+        model = build_model(cfg)[0].eval()
+        decoder = CachedDecoder(model, 64)
+        moe = [layer.mlp for layer in decoder.layers if isinstance(layer.mlp, MoELayer)]
+        assert moe and all(isinstance(mlp.experts, TorchGroupedMLP) for mlp in moe)
+        for mlp in moe:
+            assert decoder._local_moe(mlp)
+            h = torch.randn(3, 5, model.config.hidden_size).to(decoder.dtype)  # (s, b, hidden)
+            want = mlp(h)[0]
+            assert (decoder._moe(mlp, h) - want).abs().max() <= 1e-6 * want.abs().max()
+            w1, w2 = decoder._stacked[id(mlp)]
+            assert w1.data_ptr() == mlp.experts.weight1.data_ptr() and w2.data_ptr() == mlp.experts.weight2.data_ptr()
+        params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+        engine = RolloutEngine([model])
+        before = engine.generate(PROMPTS, params)
+        for mlp in moe:
+            mlp.experts.weight2.data.mul_(-3.0)
+        after = engine.generate(PROMPTS, params)
+        assert [o.token_ids for o in after] == [o.token_ids for o in RolloutEngine([model]).generate(PROMPTS, params)]
+        assert [o.token_ids for o in after] != [o.token_ids for o in before]
 
 
 def test_stacked_expert_weights_follow_the_trainer():
