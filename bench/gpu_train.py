@@ -11,15 +11,20 @@ Parts (each fails on its own: an error line, and the others still run):
   32000, seq 4096, micro-batch 1, 4 micro-batches a step): MFU against both ceilings.
 * ``dsv3``: a DeepSeek-V3 proxy (MLA with q-LoRA 768 / kv-LoRA 512 / qk 128 + rope 64 / v 128; hidden 2048,
   6 layers, first dense; 16 routed experts top-4 of 1408 + one shared, sigmoid group-limited routing, expert
-  bias, sequence aux loss; no MTP; seq 4096): MFU, and a torch.profiler breakdown of two steps into kernel
+  bias, sequence aux loss; no MTP; seq 4096) with grouped experts (``model.moe_experts=grouped``: two
+  ``torch._grouped_mm`` per MoE layer): MFU, and a torch.profiler breakdown of two steps into kernel
   buckets, the optimizer's share and GPU idle time.
+* ``dsv3_seq``: the same proxy with megatron-core's SequentialMLP (one expert at a time, the 2026-12-04
+  configuration): MFU, and its step time over the grouped one. It runs before ``dsv3``.
 * ``fp8``: the dsv3 proxy with ``precision=fp8 precision.fp8_backend=torch`` (r1mega.models.fp8: attention
   up/output projections, dense MLP, shared and routed experts in DeepSeek-V3's blockwise FP8, all of them
   multiples of 128; MLA down-projections, router, embedding and output layer stay bf16): its step time over
-  the dsv3 part's bf16 one (built again in bf16 if that part did not run), the number of FP8 linears, and
-  one profiled micro-batch showing the FP8 GEMM kernels.
+  the bf16 one with the same experts (the torch FP8 linears run one expert at a time: ``dsv3_seq``'s timing,
+  built again in bf16 if that part did not run), also over the grouped bf16 step, the number of FP8 linears,
+  and one profiled micro-batch showing the FP8 GEMM kernels.
 * ``loss``: a smaller dsv3 proxy (hidden 1024, 4 layers, seq 1024, 16 experts top-4, 8 x 1024 tokens a step)
-  built twice from the same seed in one parallel state, bf16 and FP8, and stepped alternately on the same
+  built twice from the same seed in one parallel state, bf16 and FP8 (both with SequentialMLP experts, so that
+  their weights start equal), and stepped alternately on the same
   batches of a random Markov chain (8 successors a token: the loss keeps falling for hundreds of steps):
   final loss (mean of the last 20 steps) of each and their relative difference.
 
@@ -29,7 +34,7 @@ the top-k routed experts, shared expert, router, LM head) + causal attention cou
 (2 x heads x (d_qk + d_v) x seq / 2 per token and layer). Embedding lookups, norms, softmax, RoPE and the
 optimizer are not counted. ``mfu_full_attn`` in the JSON counts the attention square fully.
 
-Time budget: everything by default in about 150 s of wall time on an H200 (``--budget-s``), counted from
+Time budget: everything by default in about 165 s of wall time on an H200 (``--budget-s``), counted from
 the interpreter's start; a part that would not fit is skipped and the loss comparison stops early (both
 precisions then have the same steps). Timing: warm-up 3 steps, then the median of 10 (``--quick``: 2 and 5).
 The optimizer is megatron's wrapper around ``torch.optim.AdamW`` (no TE/apex FusedAdam here): its share is
@@ -66,7 +71,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-PARTS = ("dense", "dsv3", "fp8", "loss")
+PARTS = ("dense", "dsv3_seq", "fp8", "dsv3", "loss")
+"""In running order: the grouped experts (dsv3) after the parts that do not use them, so that a kernel fault
+there (a device-side assert ends the process's CUDA context) costs only the loss part."""
 OPT_RANGE = "bench::optimizer_step"
 FP8_OVERRIDES = ["precision=fp8", "precision.fp8_backend=torch", "precision.transformer_impl=local"]
 BF16_OVERRIDES = ["precision=bf16", "precision.transformer_impl=local"]
@@ -107,7 +114,9 @@ SIZES: dict[str, dict[str, tuple[list[str], int, int, int]]] = {
     },
 }
 # fmt: on
-MIN_SECONDS = {"dense": 25.0, "dsv3": 20.0, "fp8": 25.0, "loss": 20.0}
+MIN_SECONDS = {"dense": 25.0, "dsv3_seq": 15.0, "dsv3": 20.0, "fp8": 25.0, "loss": 20.0}
+SEQUENTIAL = ["model.moe_experts=sequential"]
+GROUPED = ["model.moe_experts=grouped"]
 """A part starts only with at least this much of the budget left (full sizes; a tenth of it for --tiny)."""
 
 
@@ -118,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer timed steps and 100 loss steps")
     p.add_argument("--tiny", action="store_true", help="toy model sizes (for --device cpu)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default) or cpu")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 150, --tiny 55)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 165, --tiny 55)")
     p.add_argument("--loss-steps", type=int, default=None, help="steps per precision in the loss part (default 250)")
     p.add_argument("--out", type=Path, default=None, help="write results.json here (nothing is written without it)")
     args = p.parse_args(argv)
@@ -129,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device; use --device cpu --tiny")
     args.size = "tiny" if args.tiny else "full"
-    args.budget_s = args.budget_s or (55.0 if args.tiny else 150.0)
+    args.budget_s = args.budget_s or (55.0 if args.tiny else 165.0)
     args.warmup, args.steps = (1, 2) if args.tiny else (2, 5) if args.quick else (3, 10)
     default_loss = 30 if args.tiny else 100 if args.quick else 250
     args.loss_steps = args.loss_steps or default_loss
@@ -493,15 +502,18 @@ def describe(cfg: Any) -> str:
     )
 
 
-def mfu_part(args: argparse.Namespace, part: str, env: dict[str, Any], profile_steps: int = 0) -> dict[str, Any]:
+def mfu_part(
+    args: argparse.Namespace, part: str, env: dict[str, Any], profile_steps: int = 0, extra: list[str] = ()
+) -> dict[str, Any]:
     """Build one bf16 model, time its steps, and compute MFU against both ceilings (``profile_steps``: breakdown)."""
     from r1mega.config.load import compose_config
 
-    cfg = compose_config(overrides(args, part, BF16_OVERRIDES))
+    cfg = compose_config(overrides(args, part, BF16_OVERRIDES, extra))
     micro_tokens = cfg.optim.micro_batch_size * cfg.data.seq_length
     shape = same_shape_ceiling(cfg.model, micro_tokens, env["device"], reps=2 if args.tiny else 10)
     flops, flops_full = flops_per_step(cfg)
-    with r1mega_trainer(overrides(args, part, BF16_OVERRIDES)) as (cfg, trainer, n_params):
+    with r1mega_trainer(overrides(args, part, BF16_OVERRIDES, extra)) as (cfg, trainer, n_params):
+        experts = moe_experts_built(trainer)
         opt_times = instrument_optimizer(trainer)
         optimizer = describe_optimizer(trainer.optimizer)
         batches = random_batches(cfg, cfg.optim.global_batch_size // cfg.optim.micro_batch_size, env["device"])
@@ -517,6 +529,7 @@ def mfu_part(args: argparse.Namespace, part: str, env: dict[str, Any], profile_s
     square = env["ceiling"]["matmul_square_flops_per_s"]
     result = {
         "model": describe(cfg),
+        "moe_experts": experts,
         "params": n_params,
         "tokens_per_step": cfg.optim.global_batch_size * cfg.data.seq_length,
         "model_flops_per_step": flops,
@@ -543,6 +556,14 @@ def mfu_part(args: argparse.Namespace, part: str, env: dict[str, Any], profile_s
                 / gemm_s
             )
     return result
+
+
+def moe_experts_built(trainer: Any) -> str | None:
+    """The class running the model's routed experts (TorchGroupedMLP, SequentialMLP, ...), None when dense."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    kinds = {type(m.experts).__name__ for m in trainer.model[0].modules() if isinstance(m, MoELayer)}
+    return ",".join(sorted(kinds)) or None
 
 
 def describe_optimizer(optimizer: Any) -> str:
@@ -580,17 +601,18 @@ def _unavailable(e: Exception) -> bool:
 
 
 def part_fp8(args: argparse.Namespace, env: dict[str, Any], bf16: dict[str, Any] | None) -> dict[str, Any]:
-    """FP8 step time against bf16 on the same model (the dsv3 part's bf16 timing when it is the same model), and
-    one profiled FP8 step: the FP8 GEMM kernels' share and the largest GEMM kernels by name."""
+    """FP8 step time against bf16 on the same model with the same experts (SequentialMLP: the dsv3_seq part's
+    timing when it is the same model), and one profiled FP8 step: the FP8 GEMM kernels' share and the largest
+    GEMM kernels by name."""
     result: dict[str, Any] = {"fp8_gemm_path": fp8_gemm_path()}
     same_model = SIZES[args.size]["fp8"] == SIZES[args.size]["dsv3"] and bf16 and "step_s" in bf16
     if same_model:
-        result["bf16"] = {"step_s": bf16["step_s"], "params": bf16["params"], "from": "dsv3 part"}
+        result["bf16"] = {"step_s": bf16["step_s"], "params": bf16["params"], "from": "dsv3_seq part"}
     for name, precision in (("bf16", BF16_OVERRIDES), ("fp8", FP8_OVERRIDES)):
         if name in result:
             continue
         try:
-            with r1mega_trainer(overrides(args, "fp8", precision)) as (cfg, trainer, n_params):
+            with r1mega_trainer(overrides(args, "fp8", precision, SEQUENTIAL)) as (cfg, trainer, n_params):
                 batches = random_batches(cfg, cfg.optim.global_batch_size // cfg.optim.micro_batch_size, env["device"])
                 step = step_fn(trainer, batches)
                 times, losses = timed_steps(step, args.warmup, min(args.steps, 5))  # FP8 steps are the slow ones
@@ -641,6 +663,7 @@ def part_loss(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
     from r1mega.train.step import train_step
 
     lr = ["optim.lr=1.5e-3", "optim.min_lr=1.5e-3", "optim.lr_warmup_steps=20"]
+    lr += SEQUENTIAL  # the torch FP8 experts are SequentialMLP; grouped experts would start from other weights
     cfgs = {"bf16": compose_config(overrides(args, "loss", BF16_OVERRIDES, lr))}
     result: dict[str, Any] = {"model": describe(cfgs["bf16"])}
     try:
@@ -710,18 +733,23 @@ def print_summary(env: dict[str, Any], results: dict[str, Any]) -> None:
               f"d2d copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s")  # fmt: skip
     print(f"{'part':6s} {'step s':>7s} {'opt s':>6s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU sq':>7s} {'MFU shp':>7s} "
           f"{'shape ceil':>10s}  model")  # fmt: skip
-    for part in ("dense", "dsv3"):
+    for part in ("dense", "dsv3_seq", "dsv3"):
         r = results.get(part)
         if not r:
             continue
         if "step_s" not in r:
-            print(f"{part:6s} {r.get('error') or r.get('skipped')}")
+            print(f"{part:8s} {r.get('error') or r.get('skipped')}")
             continue
         print(
-            f"{part:6s} {r['step_s']:7.3f} {r['optimizer_s']:6.3f} {r['tokens_per_s']:9.0f} "
+            f"{part:8s} {r['step_s']:7.3f} {r['optimizer_s']:6.3f} {r['tokens_per_s']:9.0f} "
             f"{_fmt_flops(r['model_flops_per_s']):>8s} {r['mfu_square']:7.1%} {r['mfu_same_shape']:7.1%} "
             f"{_fmt_flops(r['same_shape_ceiling_flops_per_s']):>10s}  {r['model']}"
+            + (f" ({r['moe_experts']})" if r.get("moe_experts") else "")
         )
+    grouped, sequential = results.get("dsv3") or {}, results.get("dsv3_seq") or {}
+    if "step_s" in grouped and "step_s" in sequential:
+        print(f"dsv3   grouped experts: step {sequential['step_s']:.3f} -> {grouped['step_s']:.3f} s, "
+              f"{sequential['step_s'] / grouped['step_s']:.2f}x faster than SequentialMLP")  # fmt: skip
     impl = next(
         (results[p]["optimizer_impl"] for p in ("dense", "dsv3") if "optimizer_impl" in results.get(p, {})), None
     )
@@ -747,7 +775,11 @@ def print_summary(env: dict[str, Any], results: dict[str, Any]) -> None:
             share_s = f", FP8 GEMM kernels {share:.0%} of a 1-micro-batch step" if share is not None else ""
             share_s += f", {r['fp8'].get('fp8_linears')} FP8 linears"
             print(f"fp8    step bf16 {r['bf16']['step_s']:.3f} s, fp8 {r['fp8']['step_s']:.3f} s: "
-                  f"fp8/bf16 = {r['ratio_fp8_over_bf16']:.3f}{share_s} (gemm path: {r['fp8_gemm_path']})")  # fmt: skip
+                  f"fp8/bf16 = {r['ratio_fp8_over_bf16']:.3f}{share_s} (gemm path: {r['fp8_gemm_path']}; "
+                  "both with SequentialMLP experts)")  # fmt: skip
+            if "step_s" in grouped:
+                print(f"fp8    over the grouped-experts bf16 step ({grouped['step_s']:.3f} s): "
+                      f"{r['fp8']['step_s'] / grouped['step_s']:.3f}")  # fmt: skip
         else:
             detail = r.get("error") or r.get("skipped") or (r.get("fp8") or {}).get("unavailable")
             print(f"fp8    {'unavailable' if 'fp8' in r else 'failed'}: {detail} (gemm path: {r.get('fp8_gemm_path')})")
@@ -813,12 +845,13 @@ def main(argv: list[str] | None = None) -> int:
     results["ceiling"] = ceiling
     runs = {
         "dense": lambda: mfu_part(args, "dense", env),
-        "dsv3": lambda: mfu_part(args, "dsv3", env, profile_steps=2),
-        "fp8": lambda: part_fp8(args, env, results.get("dsv3")),
+        "dsv3_seq": lambda: mfu_part(args, "dsv3", env, extra=SEQUENTIAL),
+        "dsv3": lambda: mfu_part(args, "dsv3", env, profile_steps=2, extra=GROUPED),
+        "fp8": lambda: part_fp8(args, env, results.get("dsv3_seq")),
         "loss": lambda: part_loss(args, env),
     }
     for part in args.parts:
-        if part in ("dense", "dsv3") and "matmul_square_flops_per_s" not in ceiling:
+        if part in ("dense", "dsv3", "dsv3_seq") and "matmul_square_flops_per_s" not in ceiling:
             results[part] = {"error": "no matmul ceiling"}
             continue
         results[part] = run_part(part, runs[part], args)

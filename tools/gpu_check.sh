@@ -7,7 +7,8 @@
 #
 # 1. installs the carried wheels (megatron-core, hydra, math-verify, reasoning-gym...) into /tmp/site when the
 #    machine lacks them; 2. `pytest -m gpu tests/gpu`; 3. bench/gpu_train.py (bf16 matmul and copy ceilings,
-#    dense Qwen2-proxy MFU, dsv3-proxy MFU with a time breakdown, FP8/bf16 step time and loss); 4. the rollout
+#    dense Qwen2-proxy MFU, dsv3-proxy MFU with SequentialMLP and with grouped experts (a time breakdown), FP8/bf16
+#    step time and loss); 4. the rollout
 #    benchmark against Hugging Face `generate` on the same weights. Logs go to $OUT/gpu_check/ (a temporary
 #    folder without OUT); the summary table is printed last. Each part has its own time limit and a failing
 #    part does not stop the others; the exit code is non-zero if any part failed.
@@ -22,7 +23,7 @@ LOGS="$OUT/gpu_check"
 mkdir -p "$LOGS"
 PARTS=${PARTS:-"env tests train rollout"}
 T_TESTS=${T_TESTS:-210}
-T_TRAIN=${T_TRAIN:-200}
+T_TRAIN=${T_TRAIN:-215}
 T_ROLLOUT=${T_ROLLOUT:-180}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)

@@ -81,10 +81,14 @@ def test_tiny_cpu_run_prints_the_table_and_json(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("=== bench/gpu_train.py") for line in lines), result.stdout[-3000:]
     payload = json.loads(next(line for line in lines if line.startswith("TRAIN_GPU "))[len("TRAIN_GPU ") :])
-    for part in ("dense", "dsv3"):
+    for part in ("dense", "dsv3_seq", "dsv3"):
         r = payload[part]
         assert r["step_s"] > 0 and r["model_flops_per_step"] > 0, r
         assert 0 < r["mfu_square"] and 0 < r["mfu_same_shape"], r
+    assert payload["dense"]["moe_experts"] is None
+    assert payload["dsv3"]["moe_experts"] == "TorchGroupedMLP"
+    assert payload["dsv3_seq"]["moe_experts"] == "SequentialMLP"
+    assert "x faster than SequentialMLP" in result.stdout
     breakdown = payload["dsv3"]["breakdown"]["per_step_s"]
     assert breakdown["gemm"] > 0 and breakdown["optimizer"] > 0, breakdown
     fp8, loss = payload["fp8"], payload["loss"]
@@ -92,4 +96,5 @@ def test_tiny_cpu_run_prints_the_table_and_json(tmp_path: Path) -> None:
     assert loss["steps"] >= 20 and loss["bf16_final"] < loss["bf16_first"], loss  # the Markov chain is learnable
     if "fp8_final" in loss:
         assert loss["fp8_linears"] > 0 and abs(loss["rel_diff"]) < 0.05, loss
-    assert json.loads((tmp_path / "results.json").read_text()).keys() >= {"ceiling", "dense", "dsv3", "fp8", "loss"}
+    parts = {"ceiling", "dense", "dsv3_seq", "dsv3", "fp8", "loss"}
+    assert json.loads((tmp_path / "results.json").read_text()).keys() >= parts
