@@ -67,6 +67,13 @@ def accelerator() -> Accelerator:
     return detect_accelerator()
 
 
+EXPERTS_RUN = {
+    "grouped": "as two grouped GEMMs per MoE layer",
+    "sequential": "one at a time (megatron-core's SequentialMLP)",
+    "auto": "as grouped GEMMs with Transformer Engine or in bf16 on Hopper, else one at a time",
+}
+
+
 def fmt_count(n: float) -> str:
     """A parameter count with a unit: 671.03B, 11.61M, 512."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -156,6 +163,7 @@ def params_lines(cfg: R1Config, params: ModelParams) -> list[str]:
         lines.append(
             f"  routed experts: {fmt_count(params.experts)}; expert-bias buffers (not parameters): {params.expert_bias}"
         )
+        lines.append(f"  experts run {EXPERTS_RUN[m.moe_experts]} (model.moe_experts={m.moe_experts})")
     f = flops_per_token(m, cfg.data.seq_length)
     mtp = f", MTP {fmt_flops(f.mtp)}" if f.mtp else ""
     lines.append(

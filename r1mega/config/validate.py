@@ -293,13 +293,11 @@ def _grouped_misalignment(cfg: R1Config) -> str | None:
 
 
 def _validate_moe_experts(cfg: R1Config, accel: Accelerator) -> None:
-    """Grouped experts in the local spec: ``torch._grouped_mm`` in bf16 on a CUDA GPU, any float dtype on a CPU."""
+    """Grouped experts in the local spec: ``torch._grouped_mm`` in bf16 on a CUDA GPU, any float dtype on a CPU,
+    over rows of 16-byte multiples. (A torch without ``_grouped_mm``, before 2.9, is refused when the layer is
+    built: validation does not import torch.)"""
     if moe_experts(cfg, accel) != "grouped" or uses_transformer_engine(cfg, accel):
         return
-    import torch
-
-    if not hasattr(torch, "_grouped_mm"):
-        raise ConfigError("model.moe_experts", "grouped", f"sequential: torch {torch.__version__} has no _grouped_mm")
     misaligned = _grouped_misalignment(cfg)
     if misaligned is not None:
         raise ConfigError("model.moe_experts", "grouped", f"sequential: {misaligned} (grouped GEMMs need 16 bytes)")

@@ -47,6 +47,7 @@ def test_deepseek_v3_on_2048_ranks() -> None:
     assert "DP 128" in out and "EP 64" in out and "expert-DP 2" in out
     assert "decoder layers per stage [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 1]" in out
     assert "4 per EP rank" in out
+    assert "experts run as grouped GEMMs with Transformer Engine or in bf16 on Hopper" in out
     distributed = re.search(r"distributed optimizer: stage 0: .* = ([\d.]+) GiB <- configured", out)
     assert distributed and 17 < float(distributed.group(1)) < 20
     assert "training (3 x forward)" in out
