@@ -44,6 +44,7 @@ from r1mega.checkpoint import integrity, optimizer_state
 from r1mega.checkpoint.errors import CheckpointError  # raised here, imported from here by callers
 from r1mega.checkpoint.weights import check_shapes, sharded_model_state, sharding_metadata
 from r1mega.config.schema import R1Config
+from r1mega.config.validate import detect_accelerator, moe_experts
 from r1mega.models.builder import unwrap
 from r1mega.train.step import Trainer
 from r1mega.utils.faults import kill_point
@@ -195,6 +196,7 @@ class CheckpointManager:
                 "world_size": dist.get_world_size(),
                 "stage_state": stage_state,
                 "config": asdict(self.cfg),
+                "moe_experts": self._experts(),
                 "optimizer_metadata": optimizer_metadata,
                 "adam_step": optimizer_state.adam_step(trainer.optimizer),
                 "sha256": {name: _sha256(tmp / name) for name in _PICKLED if (tmp / name).exists()},
@@ -236,6 +238,11 @@ class CheckpointManager:
                 )
         return meta
 
+    def _experts(self) -> str | None:
+        """How this run's routed experts run ("grouped", "sequential"; None when dense): their parameters are one
+        tensor per expert or two stacked tensors per layer, so gradient buffers differ between the two."""
+        return moe_experts(self.cfg, detect_accelerator())
+
     def check_optimizer_layout(self, path: Path, meta: dict[str, Any]) -> None:
         """Check this run's optimizer can load the optimizer state of ``path`` (local).
 
@@ -253,8 +260,10 @@ class CheckpointManager:
                 f"resume with {setting} {weights_only}"
             )
         if saved_distributed and saved_format in optimizer_state.LAYOUT_BOUND_FORMATS:
-            then = optimizer_state.optimizer_layout(saved)
-            now = optimizer_state.optimizer_layout(asdict(self.cfg))
+            # Checkpoints from before meta.json recorded it ran SequentialMLP (the local spec had nothing else).
+            saved_experts = meta.get("moe_experts", "sequential" if saved["model"]["num_experts"] else None)
+            then = {**optimizer_state.optimizer_layout(saved), "experts": saved_experts}
+            now = {**optimizer_state.optimizer_layout(asdict(self.cfg)), "experts": self._experts()}
             if then != now:
                 differ = ", ".join(f"{key} {then[key]} -> {now[key]}" for key in then if then[key] != now[key])
                 raise CheckpointError(

@@ -145,7 +145,8 @@ class ModelConfig:
     """How the routed experts run: grouped (two grouped GEMMs per layer: Transformer Engine's TEGroupedMLP, or
     ``torch._grouped_mm`` in the local spec), sequential (megatron-core's SequentialMLP, one expert at a time),
     or auto: grouped with Transformer Engine or a bf16 Hopper GPU, sequential otherwise (the CPU, fp32, the
-    torch FP8 backend). Resuming needs the setting the checkpoint was saved with; its weights load either way."""
+    torch FP8 backend). Both write the same checkpoint, so a run resumes with the other setting (except the
+    distributed optimizer's layout-bound dp_reshardable format); one seed initialises them differently."""
 
     mtp_num_layers: int = 0
     """Multi-token prediction layers (DeepSeek-V3: 1)."""

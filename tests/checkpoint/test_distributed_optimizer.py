@@ -102,8 +102,13 @@ def _meta(overrides: list[str], world_size: int) -> dict:
             [],
             "saved with parallel.use_distributed_optimizer=true",
         ),
+        (  # one tensor per expert in the gradient buffers, or two stacked tensors per layer
+            ["parallel.use_distributed_optimizer=true"],
+            ["parallel.use_distributed_optimizer=true", "model.moe_experts=grouped"],
+            "(experts sequential -> grouped;",
+        ),
     ],
-    ids=["dp_reshardable_other_tp", "distributed_vs_not"],
+    ids=["dp_reshardable_other_tp", "distributed_vs_not", "dp_reshardable_other_experts"],
 )
 def test_unloadable_optimizer_state_is_refused_with_the_fix(
     tmp_path: Path, one_process_group, saved: list[str], now: list[str], message: str

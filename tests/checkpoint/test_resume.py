@@ -5,6 +5,7 @@ Also: SIGTERM produces a checkpoint and a clean exit; half-written checkpoints a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,10 +91,13 @@ def test_a_run_resumes_with_the_other_moe_experts_setting(tmp_path: Path, uninte
     SequentialMLP has 16, so clipping differs in the last bits (measured: 1.2e-7 after 2 steps)."""
     crashed = run_trainer(ARGS, tmp_path, kill_at="train_step:3")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    saved_experts = json.loads((tmp_path / "checkpoints" / "step_00000002" / "meta.json").read_text())["moe_experts"]
     resumed = run_trainer(ARGS, tmp_path, "model.moe_experts=grouped")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ckpts = tmp_path / "checkpoints"
     assert f"resumed from {ckpts / 'step_00000002'}" in resumed.stderr
+    assert saved_experts == "sequential"  # meta.json says which (the layout-bound formats check it)
+    assert json.loads((ckpts / f"step_{STEPS:08d}" / "meta.json").read_text())["moe_experts"] == "grouped"
     want, got = _flat(uninterrupted), _flat(checkpoint_tensors(ckpts / f"step_{STEPS:08d}"))
     assert want.keys() == got.keys()
     worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
