@@ -9,11 +9,14 @@ bf16 on Hopper; a CPU kernel in any float dtype) in its place: megatron-core's p
 tensor and expert parallelism and distributed-checkpoint format (whose weights load into ``SequentialMLP`` and
 back) are kept; only the matmuls differ.
 
-Each expert's rows are padded to a multiple of 16 bytes' worth of rows (8 in bf16). The weight gradient is a
-grouped GEMM whose contraction runs over each expert's rows, and the grouped kernels read a group only from a
-16-byte-aligned start (the forward needs no padding; torchtitan pads the same way, ``TOKEN_GROUP_ALIGN_SIZE_M``).
-The padded buffer has a fixed size (rows + experts x (alignment - 1), rounded up), so nothing is read back to
-the host and the last expert's group takes the slack: every buffer row is in some group, and padding rows are
+Each expert's rows are padded to a multiple of 16 bytes' worth of rows (8 in bf16), and to at least that many.
+The weight gradient is a grouped GEMM whose contraction runs over each expert's rows, and the grouped kernels
+read a group only from a 16-byte-aligned start (the forward needs no padding; torchtitan pads the same way,
+``TOKEN_GROUP_ALIGN_SIZE_M``). No group is empty: zero-row groups got nonzero weight gradients from some
+grouped-GEMM kernels (pytorch/pytorch#172439 on Blackwell, #174314 on ROCm), while a group of zero rows gives
+exact zeros everywhere. The padded buffer has a fixed size (rows + experts x alignment, rounded up), so nothing
+is read back to the host, and the last expert's group takes the slack: every buffer row is in some group, so the
+kernels write every row of their outputs (rows outside the groups are left uninitialised), and padding rows are
 zeros, so they add nothing to any output or gradient.
 """
 
@@ -51,15 +54,15 @@ def _grouped_gemm_check_skipped() -> Iterator[None]:
 
 def aligned_groups(counts: Tensor, rows: int, align: int) -> tuple[Tensor, Tensor, int]:
     """Where ``rows`` rows grouped by expert (``counts`` per expert, summing to ``rows``) go in a buffer whose
-    groups start at multiples of ``align`` rows.
+    groups start at multiples of ``align`` rows and hold at least ``align`` rows each.
 
     Returns (``offs``: int32 end of each group in the buffer, the last one the buffer's end; ``dest``: each
     row's buffer row; the buffer's row count). Device tensors only: no host read.
     """
     counts = counts.to(torch.long)
-    padded = (counts + align - 1) // align * align  # (experts,)
+    padded = ((counts + align - 1) // align * align).clamp(min=align)  # (experts,)
     ends = padded.cumsum(0)
-    total = -(-(rows + counts.numel() * (align - 1)) // align) * align  # an upper bound of ends[-1], aligned
+    total = -(-rows // align) * align + counts.numel() * align  # an upper bound of ends[-1], aligned
     offs = torch.cat([ends[:-1], ends.new_full((1,), total)]).to(torch.int32)
     shift = (ends - padded) - (counts.cumsum(0) - counts)  # each group's start in the buffer minus in the rows
     dest = torch.arange(rows, device=counts.device) + torch.repeat_interleave(shift, counts, output_size=rows)

@@ -1,6 +1,7 @@
 """Grouped experts (``torch._grouped_mm``) on CUDA: the layer's forward and its gradients against per-expert fp32
 matmuls of the same weights, with expert groups of every size (the weight gradient's grouped GEMM reads each
-group from a 16-byte-aligned start), and ``model.moe_experts=auto`` choosing them on a bf16 Hopper GPU."""
+group from a 16-byte-aligned start) and exact zero gradients for experts without tokens, and
+``model.moe_experts=auto`` choosing them on a bf16 Hopper GPU."""
 
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ def test_grouped_experts_match_per_expert_fp32_matmuls(counts: list[int]) -> Non
         n = experts.num_local_experts
         want_out = _reference(w1.view(n, hidden, -1), w2.view(n, -1, hidden), x_ref, counts, probs)
         want_out.backward(grad_out.float())
+        dw1, dw2 = experts.weight1.grad.view(n, hidden, -1), experts.weight2.grad.view(n, -1, hidden)
+        for e, c in enumerate(counts):  # exact zeros where no token went (no empty group reaches a kernel)
+            assert c or not (dw1[e].any() or dw2[e].any()), e
         want = (want_out.detach(), x_ref.grad, w1.grad, w2.grad)
         for name, g, w in zip(("out", "dx", "dw1", "dw2"), got, want, strict=True):
             scale = w.abs().max().item()

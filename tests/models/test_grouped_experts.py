@@ -23,12 +23,12 @@ TE = Accelerator(cuda=True, transformer_engine=True)
 
 
 def test_aligned_groups_by_hand() -> None:
-    """Counts 3, 0, 9, 1 at 4-row alignment: groups start at 0, 4, 4, 16; the buffer holds 13 + 4 x 3 rows
-    rounded up to 28, and the last group runs to its end."""
+    """Counts 3, 0, 9, 1 at 4-row alignment: groups of 4, 4 (no group is empty), 12 and the rest, starting at 0,
+    4, 8, 20; the buffer holds 13 rows rounded up to 16, plus 4 x 4."""
     offs, dest, total = aligned_groups(torch.tensor([3, 0, 9, 1]), 13, 4)
-    assert total == 28
-    assert offs.dtype == torch.int32 and offs.tolist() == [4, 4, 16, 28]
-    assert dest.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16]
+    assert total == 32
+    assert offs.dtype == torch.int32 and offs.tolist() == [4, 8, 20, 32]
+    assert dest.tolist() == [0, 1, 2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20]
 
 
 @pytest.mark.parametrize("align", [1, 4, 8])
@@ -40,8 +40,9 @@ def test_aligned_groups_keep_each_expert_s_rows_together_at_aligned_starts(align
             rows = int(counts.sum())
             offs, dest, total = aligned_groups(counts, rows, align)
             starts = torch.cat([offs.new_zeros(1), offs[:-1]]).long()
+            sizes = offs.long() - starts
             assert total % align == 0 and offs[-1] == total and (starts % align == 0).all()
-            assert (offs.long() - starts >= counts).all()  # each group holds its expert's rows
+            assert (sizes >= counts).all() and (sizes >= align).all()  # each group holds its rows; none is empty
             assert dest.unique().numel() == rows and (dest < total).all()
             expert_of_row = torch.repeat_interleave(torch.arange(experts), counts)
             assert ((dest >= starts[expert_of_row]) & (dest < starts[expert_of_row] + counts[expert_of_row])).all()
