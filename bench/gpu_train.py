@@ -381,7 +381,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("memcpy/memset", ("memcpy", "memset")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "scaled_mm", "aten::mm", "aten::addmm",
-              "aten::bmm", "aten::_scaled_mm", "splitk")),
+              "aten::bmm", "aten::_scaled_mm", "grouped_mm", "splitk")),
     ("index/sort/topk", ("index", "scatter", "gather", "sort", "topk", "radix", "cumsum", "scan", "histc",
                          "bincount", "nonzero", "unique", "embedding", "masked_select")),
     ("elementwise/norm/reduce", ("elementwise", "vectorized", "unrolled", "reduce", "norm", "softmax", "silu",

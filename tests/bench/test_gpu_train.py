@@ -45,6 +45,7 @@ def test_kernel_names_land_in_their_buckets() -> None:
         "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
         "Memcpy DtoD (Device -> Device)": "memcpy/memset",
         "aten::mm": "gemm",
+        "aten::_grouped_mm": "gemm",
     }
     for name, bucket in cases.items():
         assert gpu_train.classify(name) == bucket, name
