@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import unwrap
+from r1mega.train import multi_tensor
 from r1mega.utils.device import current_device, device_batches
 
 Batch = dict[str, torch.Tensor]
@@ -106,6 +107,7 @@ def build_trainer(cfg: R1Config, config: TransformerConfig, chunks: list[torch.n
         params_dtype=config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
+    multi_tensor.install()  # without TE/apex, megatron's grad norm reads every tensor's norm to the host
     optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = OptimizerParamScheduler(
         optimizer,
