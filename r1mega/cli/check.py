@@ -59,11 +59,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def accelerator() -> Accelerator:
     """This machine's accelerator, without importing torch (2+ s) when Transformer Engine is absent.
 
-    Validation only asks for CUDA together with Transformer Engine (FP8, TE layers); without TE installed
-    the answer is "no" whatever the GPU, so the CUDA flag is a cheap guess from the driver's device node.
+    Validation only asks for CUDA together with Transformer Engine (FP8, TE layers) or a Hopper GPU (grouped
+    experts); without TE installed the first answer is "no" whatever the GPU, so the CUDA flag is a cheap guess
+    from the driver's device node.
     """
     if importlib.util.find_spec("transformer_engine") is None:
-        return Accelerator(cuda=os.path.exists("/dev/nvidiactl"), transformer_engine=False)
+        # The GPU's generation is unknown without torch: grouped experts are assumed to run (Hopper), and the
+        # run itself checks (r1mega.config.validate with the detected accelerator).
+        cuda = os.path.exists("/dev/nvidiactl")
+        return Accelerator(cuda=cuda, transformer_engine=False, grouped_gemm=cuda)
     return detect_accelerator()
 
 

@@ -124,3 +124,19 @@ def test_te_fp8_without_transformer_engine_exits_2() -> None:
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("r1mega: config error: precision.fp8_backend=")
+
+
+def test_a_gpu_node_without_te_is_assumed_to_run_grouped_experts(monkeypatch) -> None:
+    """Without torch the GPU's generation is unknown: model.moe_experts=grouped is not refused on a GPU node
+    (the run validates again with the detected GPU), and a node without a GPU checks it as a CPU would."""
+    from r1mega.cli import check
+    from r1mega.config.load import compose_config
+    from r1mega.config.validate import validate
+
+    monkeypatch.setattr(check.importlib.util, "find_spec", lambda name: None)
+    cfg = compose_config(["model.moe_experts=grouped", "precision=bf16", "parallel.world_size=1"])
+    for gpu in (True, False):
+        monkeypatch.setattr(check.os.path, "exists", lambda path, gpu=gpu: gpu and path == "/dev/nvidiactl")
+        accel = check.accelerator()
+        assert (accel.cuda, accel.grouped_gemm, accel.transformer_engine) == (gpu, gpu, False)
+        assert validate(cfg, 1, accel) == 1
