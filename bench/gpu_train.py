@@ -13,9 +13,9 @@ Parts (each fails on its own: an error line, and the others still run):
   6 layers, first dense; 16 routed experts top-4 of 1408 + one shared, sigmoid group-limited routing, expert
   bias, sequence aux loss; no MTP; seq 4096) with grouped experts (``model.moe_experts=grouped``: two
   ``torch._grouped_mm`` per MoE layer): MFU, and a torch.profiler breakdown of two steps into kernel
-  buckets, the optimizer's share and GPU idle time.
+  buckets, the optimizer's share, GPU idle time and the kernels launched per step.
 * ``dsv3_seq``: the same proxy with megatron-core's SequentialMLP (one expert at a time, the 2026-12-04
-  configuration): MFU, and its step time over the grouped one. It runs before ``dsv3``.
+  configuration): MFU, a one-step breakdown, and its step time over the grouped one. It runs before ``dsv3``.
 * ``fp8``: the dsv3 proxy with ``precision=fp8 precision.fp8_backend=torch`` (r1mega.models.fp8: attention
   up/output projections, dense MLP, shared and routed experts in DeepSeek-V3's blockwise FP8, all of them
   multiples of 128; MLA down-projections, router, embedding and output layer stay bf16): its step time over
@@ -474,6 +474,7 @@ def profile_breakdown(step: Callable[[], Any], n: int, device: torch.device) -> 
     top = sorted(gemms.items(), key=lambda kv: -kv[1])[:4]
     return {
         "wall_per_step_s": wall_ns / 1e9 / n,
+        "kernels_per_step": len(ops) / n,  # device kernels (CPU: aten ops): what the host launches
         "per_step_s": per_step,
         "fp8_gemm_s_per_step": fp8_ns / 1e9 / n,
         "top_gemm_kernels_ms": {name[:100]: round(ns / 1e6 / n, 3) for name, ns in top},
@@ -755,7 +756,7 @@ def print_summary(env: dict[str, Any], results: dict[str, Any]) -> None:
     )
     if impl:
         print(f"optimizer: {impl}")
-    for part in ("dense", "dsv3"):
+    for part in ("dense", "dsv3_seq", "dsv3"):
         bd = (results.get(part) or {}).get("breakdown")
         if not bd:
             continue
@@ -765,7 +766,9 @@ def print_summary(env: dict[str, Any], results: dict[str, Any]) -> None:
         wall = bd["wall_per_step_s"]
         cells = ", ".join(f"{k} {v * 1e3:.0f} ms ({v / wall:.0%})" for k, v in bd["per_step_s"].items() if v > 0)
         gemm = results[part].get("gemm_kernel_flops_per_s")
-        print(f"{part} breakdown per step ({wall * 1e3:.0f} ms profiled): {cells}")
+        kernels = bd.get("kernels_per_step")
+        launched = f", {kernels:.0f} kernels" if kernels else ""
+        print(f"{part} breakdown per step ({wall * 1e3:.0f} ms profiled{launched}): {cells}")
         if gemm:
             print(f"{part} GEMM kernels alone run at {_fmt_flops(gemm)} TFLOP/s of model matmul FLOPs")
     r = results.get("fp8")
@@ -845,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ceiling"] = ceiling
     runs = {
         "dense": lambda: mfu_part(args, "dense", env),
-        "dsv3_seq": lambda: mfu_part(args, "dsv3", env, extra=SEQUENTIAL),
+        "dsv3_seq": lambda: mfu_part(args, "dsv3", env, profile_steps=1, extra=SEQUENTIAL),
         "dsv3": lambda: mfu_part(args, "dsv3", env, profile_steps=2, extra=GROUPED),
         "fp8": lambda: part_fp8(args, env, results.get("dsv3_seq")),
         "loss": lambda: part_loss(args, env),

@@ -92,6 +92,8 @@ def test_tiny_cpu_run_prints_the_table_and_json(tmp_path: Path) -> None:
     assert "x faster than SequentialMLP" in result.stdout
     breakdown = payload["dsv3"]["breakdown"]["per_step_s"]
     assert breakdown["gemm"] > 0 and breakdown["optimizer"] > 0, breakdown
+    launched = {part: payload[part]["breakdown"]["kernels_per_step"] for part in ("dsv3_seq", "dsv3")}
+    assert launched["dsv3"] < launched["dsv3_seq"], launched  # grouped experts launch fewer kernels (aten ops here)
     fp8, loss = payload["fp8"], payload["loss"]
     assert fp8["bf16"]["step_s"] > 0 and (fp8["fp8"].get("step_s", 0) > 0 or "unavailable" in fp8["fp8"]), fp8
     assert loss["steps"] >= 20 and loss["bf16_final"] < loss["bf16_first"], loss  # the Markov chain is learnable
