@@ -13,8 +13,8 @@ Each expert's rows are padded to a multiple of 16 bytes' worth of rows (8 in bf1
 The weight gradient is a grouped GEMM whose contraction runs over each expert's rows, and the grouped kernels
 read a group only from a 16-byte-aligned start (the forward needs no padding; torchtitan pads the same way,
 ``TOKEN_GROUP_ALIGN_SIZE_M``). No group is empty: zero-row groups got nonzero weight gradients from some
-grouped-GEMM kernels (pytorch/pytorch#172439 on Blackwell, #174314 on ROCm), while a group of zero rows gives
-exact zeros everywhere. The padded buffer has a fixed size (rows + experts x alignment, rounded up), so nothing
+grouped-GEMM kernels (pytorch/pytorch#172439 on Blackwell, #174314 on ROCm), while a group holding only
+zero-valued padding rows gives exact zeros everywhere. The padded buffer has a fixed size (rows + experts x alignment, rounded up), so nothing
 is read back to the host, and the last expert's group takes the slack: every buffer row is in some group, so the
 kernels write every row of their outputs (rows outside the groups are left uninitialised), and padding rows are
 zeros, so they add nothing to any output or gradient.
@@ -33,7 +33,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 GROUP_ALIGN_BYTES = 16
-"""Alignment of each expert's first row in the grouped buffer, in bytes of one element (TMA loads)."""
+"""Each expert's group starts at a multiple of 16 bytes' worth of rows (8 rows in bf16): the grouped kernels'
+TMA loads of the weight gradient's operands."""
 
 
 def grouped_mm_available() -> bool:
