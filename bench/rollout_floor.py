@@ -62,7 +62,8 @@ def named_decode_matmuls(
             out.append((name, head, p))
             continue
         if name.endswith((".experts.weight1", ".experts.weight2")):  # grouped experts: one matrix per expert
-            out.extend((f"{name}.{e}", routed, w) for e, w in enumerate(_grouped_expert_weights(name, p, config)))
+            stacked = model.get_submodule(name.rsplit(".", 1)[0]).stacked_weights()[name.endswith("weight2")]
+            out.extend((f"{name}.{e}", routed, w.t()) for e, w in enumerate(stacked))  # (out, in) each
             continue
         out.append((name, routed if ".local_experts." in name else batch, p))
     return out
@@ -71,14 +72,6 @@ def named_decode_matmuls(
 def routed_weight(name: str) -> bool:
     """Whether ``named_decode_matmuls``' product ``name`` is a routed expert's (it sees its share of the rows)."""
     return ".local_experts." in name or re.search(r"\.experts\.weight[12]\.\d+$", name) is not None
-
-
-def _grouped_expert_weights(name: str, weight: Tensor, config: Any) -> list[Tensor]:
-    """Each expert's (out, in) matrix of a ``TorchGroupedMLP`` weight (views): ``weight1`` is (hidden, experts x
-    fc1 out), ``weight2`` (experts x fc2 in, hidden), each expert's block contiguous (megatron-core's layout)."""
-    experts, hidden = config.num_moe_experts, config.hidden_size
-    stacked = weight.view(experts, hidden, -1) if name.endswith("weight1") else weight.view(experts, -1, hidden)
-    return [w.t() for w in stacked]  # (out, in) each
 
 
 def _sync(device: torch.device) -> None:

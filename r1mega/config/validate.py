@@ -26,8 +26,10 @@ def detect_accelerator() -> Accelerator:
     """CUDA, Transformer Engine and grouped-GEMM availability, without importing megatron-core."""
     import torch
 
+    from r1mega.utils.device import grouped_mm_works
+
     cuda = torch.cuda.is_available()
-    grouped = cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability()[0] >= 9
+    grouped = cuda and grouped_mm_works(torch.device("cuda"), torch.bfloat16)
     te = False
     if cuda:
         try:  # TE raises RuntimeError (not ImportError) when its CUDA libraries are missing
@@ -271,52 +273,36 @@ def moe_experts(cfg: R1Config, accel: Accelerator) -> str | None:
         return m.moe_experts
     if uses_transformer_engine(cfg, accel):
         return "grouped"
-    local_ok = (
-        accel.grouped_gemm
-        and cfg.precision.dtype == "bf16"
-        and fp8_backend(cfg, accel) != "torch"
-        and _grouped_misalignment(cfg) is None
-    )
-    return "grouped" if local_ok else "sequential"
+    return "grouped" if accel.grouped_gemm and _local_grouped_refusal(cfg, accel) is None else "sequential"
 
 
-def _grouped_misalignment(cfg: R1Config) -> str | None:
-    """Why ``torch._grouped_mm`` cannot take this model's expert matrices (their rows must start 16 bytes
-    apart), or None."""
+def _local_grouped_refusal(cfg: R1Config, accel: Accelerator) -> str | None:
+    """What would be valid instead of local grouped experts here, or None where they run: ``torch._grouped_mm``
+    in bf16 on a CUDA GPU from Hopper on, any float dtype on a CPU, over rows of 16-byte multiples, not with the
+    torch FP8 backend. (A torch without ``_grouped_mm``, before 2.9, is refused when the layer is built:
+    validation does not import torch.)"""
     m = cfg.model
     width = 16 // (2 if cfg.precision.dtype == "bf16" else 4)  # elements per 16 bytes
     ffn = (m.moe_ffn_hidden_size or 0) // cfg.parallel.etp  # each rank's share of an expert's intermediate size
     for key, size in (("model.hidden_size", m.hidden_size), ("model.moe_ffn_hidden_size / parallel.etp", ffn)):
         if size % width:
-            return f"{key} = {size} is not a multiple of {width}"
+            return f"sequential: {key} = {size} is not a multiple of {width} (grouped GEMMs need 16 bytes)"
+    if fp8_backend(cfg, accel) == "torch":
+        return "sequential or auto with precision.fp8_backend=torch (its FP8 expert linears run one expert at a time)"
+    if accel.cuda and cfg.precision.dtype != "bf16":
+        return f"sequential or auto with precision.dtype={cfg.precision.dtype} on a GPU (torch's grouped GEMM is bf16)"
+    if accel.cuda and not accel.grouped_gemm:
+        return "sequential or auto on this GPU: torch's grouped GEMM needs sm_90+"
     return None
 
 
 def _validate_moe_experts(cfg: R1Config, accel: Accelerator) -> None:
-    """Grouped experts in the local spec: ``torch._grouped_mm`` in bf16 on a CUDA GPU, any float dtype on a CPU,
-    over rows of 16-byte multiples. (A torch without ``_grouped_mm``, before 2.9, is refused when the layer is
-    built: validation does not import torch.)"""
+    """Grouped experts in the local spec only where they run (``_local_grouped_refusal``)."""
     if moe_experts(cfg, accel) != "grouped" or uses_transformer_engine(cfg, accel):
         return
-    misaligned = _grouped_misalignment(cfg)
-    if misaligned is not None:
-        raise ConfigError("model.moe_experts", "grouped", f"sequential: {misaligned} (grouped GEMMs need 16 bytes)")
-    if fp8_backend(cfg, accel) == "torch":
-        raise ConfigError(
-            "model.moe_experts",
-            "grouped",
-            "sequential or auto with precision.fp8_backend=torch (its FP8 expert linears run one expert at a time)",
-        )
-    if accel.cuda and cfg.precision.dtype != "bf16":
-        raise ConfigError(
-            "model.moe_experts",
-            "grouped",
-            f"sequential or auto with precision.dtype={cfg.precision.dtype} on a GPU (torch's grouped GEMM is bf16)",
-        )
-    if accel.cuda and not accel.grouped_gemm:
-        raise ConfigError(
-            "model.moe_experts", "grouped", "sequential or auto on this GPU: torch's grouped GEMM needs sm_90+"
-        )
+    refusal = _local_grouped_refusal(cfg, accel)
+    if refusal is not None:
+        raise ConfigError("model.moe_experts", "grouped", refusal)
 
 
 def _validate_precision(cfg: R1Config, accel: Accelerator) -> None:

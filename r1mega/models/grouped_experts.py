@@ -37,11 +37,6 @@ GROUP_ALIGN_BYTES = 16
 TMA loads of the weight gradient's operands."""
 
 
-def grouped_mm_available() -> bool:
-    """Whether this torch has ``torch._grouped_mm`` (2.9+ on the CPU; bf16 CUDA kernels from Hopper)."""
-    return hasattr(torch, "_grouped_mm")
-
-
 @contextmanager
 def _grouped_gemm_check_skipped() -> Iterator[None]:
     """``GroupedMLP.__init__`` asserts that the ``grouped_gemm`` package imports; this subclass never calls it."""
@@ -80,14 +75,22 @@ class TorchGroupedMLP(GroupedMLP):
     def __init__(
         self, num_local_experts: int, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None
     ) -> None:
-        if not grouped_mm_available():
+        if not hasattr(torch, "_grouped_mm"):  # torch 2.9+
             raise RuntimeError(f"torch {torch.__version__} has no torch._grouped_mm; set model.moe_experts=sequential")
         with _grouped_gemm_check_skipped():
             super().__init__(num_local_experts, config, pg_collection)
         if self.activation_recompute:  # refused by r1mega.config.validate
             raise ValueError("moe_act recompute needs Transformer Engine (megatron-core's CheckpointWithoutOutput)")
+        if config.moe_apply_probs_on_input:  # r1mega's configs never set it; the decoder does not support it either
+            raise ValueError("TorchGroupedMLP applies the routing probabilities after the activation only")
         # megatron-core wraps its version in torch.compile (``jit_fuser``), one compilation per layer's closure.
         self.activation_func_with_probs = self._activation_with_probs
+
+    def stacked_weights(self) -> tuple[Tensor, Tensor]:
+        """Views of ``weight1`` as (experts, hidden, fc1 out) and ``weight2`` as (experts, fc2 in, hidden): each
+        expert's block is contiguous in megatron-core's layout, and the layer multiplies rows by them (x @ w)."""
+        experts, hidden = self.num_local_experts, self.config.hidden_size
+        return self.weight1.view(experts, hidden, -1), self.weight2.view(experts, -1, hidden)
 
     def _activation_with_probs(self, h: Tensor, probs: Tensor) -> Tensor:
         """The activation (gated: on the first half, times the second) weighted by each row's routing prob."""
@@ -103,16 +106,10 @@ class TorchGroupedMLP(GroupedMLP):
     ) -> tuple[Tensor, None]:
         """The experts on their tokens, grouped by expert in order (the token dispatcher's output)."""
         x, probs = permuted_local_hidden_states, permuted_probs  # (rows, hidden), (rows,)
-        if self.config.moe_apply_probs_on_input:
-            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
-            x = (probs.unsqueeze(-1) * x).to(x.dtype)
-            probs = torch.ones_like(probs)
-        experts, hidden = self.num_local_experts, self.config.hidden_size
-        w1 = self.weight1.view(experts, hidden, -1)  # (experts, hidden, fc1 out)
-        w2 = self.weight2.view(experts, -1, hidden)  # (experts, fc2 in, hidden)
+        w1, w2 = self.stacked_weights()  # (experts, hidden, fc1 out), (experts, fc2 in, hidden)
         counts = tokens_per_expert.to(x.device, non_blocking=True)
         offs, dest, total = aligned_groups(counts, x.shape[0], max(1, GROUP_ALIGN_BYTES // x.element_size()))
-        x = x.new_zeros(total, hidden).index_copy(0, dest, x)  # (buffer rows, hidden), padding rows zero
+        x = x.new_zeros(total, x.shape[1]).index_copy(0, dest, x)  # (buffer rows, hidden), padding rows zero
         probs = probs.new_zeros(total).index_copy(0, dest, probs).unsqueeze(-1)  # (buffer rows, 1)
         h = torch._grouped_mm(x, w1, offs=offs)  # (buffer rows, fc1 out)
         h = self.activation_func_with_probs(h, probs)  # (buffer rows, fc2 in)

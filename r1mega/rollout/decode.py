@@ -59,6 +59,7 @@ from torch import Tensor
 from r1mega.models.fp8 import fake_quantize_1x128, fake_quantize_128x128, fp8_blockwise_linear, is_fp8_layer
 from r1mega.models.grouped_experts import TorchGroupedMLP
 from r1mega.rollout.kv_cache import KVCache
+from r1mega.utils.device import grouped_mm_works
 
 
 @dataclass
@@ -116,16 +117,6 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
 
 
-def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` multiplies groups of rows by stacked weights on ``device`` in ``dtype``: on
-    the CPU in any float dtype; on CUDA in bf16 from Hopper (sm_90) on."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def local_moe(mlp: MoELayer, tp: int) -> bool:
     """Whether the decoder computes the MoE layer ``mlp`` itself (``CachedDecoder._moe_local``): every expert on
     this process (no tensor or expert parallelism, ``tp`` = 1) as megatron-core's SequentialMLP, or as
@@ -175,11 +166,8 @@ def _stack_experts(mlp: MoELayer, out: tuple[Tensor, Tensor] | None = None) -> t
     parameters, whatever ``out``."""
     experts = mlp.experts
     if isinstance(experts, TorchGroupedMLP):
-        count, hidden = experts.num_local_experts, experts.config.hidden_size
-        return (
-            experts.weight1.view(count, hidden, -1).transpose(1, 2),
-            experts.weight2.view(count, -1, hidden).transpose(1, 2),
-        )
+        w1, w2 = experts.stacked_weights()
+        return w1.transpose(1, 2), w2.transpose(1, 2)
     fc1, fc2 = out if out is not None else (None, None)
     return (
         torch.stack([e.linear_fc1.weight for e in experts.local_experts], out=fc1),
@@ -242,7 +230,8 @@ class CachedDecoder:
         self._stacked: dict[int, tuple[Tensor, Tensor] | None] = {}
         """Per MoE layer that ``_moe_local`` computes (by ``id``): its experts' weights stacked for a grouped
         matmul, ``(E, out, in)`` for ``fc1`` and ``fc2``, or None where this device cannot multiply them grouped
-        (``grouped_mm_works``). Copied from the experts by ``refresh_weights``, in place."""
+        (``grouped_mm_works``). Copied from the experts by ``refresh_weights``, in place; grouped experts'
+        (``TorchGroupedMLP``) are views of their parameters."""
         self.compiled = compiled
         """Whether one-token steps run compiled (``torch.compile``): one compiled function for the layers with a
         dense MLP, another for the attention half of MoE layers. Each has its own compile cache: torch runs a

@@ -25,6 +25,16 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` multiplies groups of rows by stacked weights on ``device`` in ``dtype``: on
+    the CPU in any float dtype; on CUDA in bf16 from Hopper (sm_90) on."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def to_device(value: Any, device: torch.device | None = None) -> Any:
     """``value`` with every tensor (also inside dicts, lists and tuples) on ``device`` (default: the current one).
 

@@ -3,6 +3,7 @@ megatron-core's SequentialMLP computes, from the same checkpoint, and the settin
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -121,9 +122,27 @@ def test_experts_without_tokens_still_get_zero_gradients() -> None:
         x = torch.zeros(0, hidden, requires_grad=True)
         out, bias = experts(x, torch.zeros(experts.num_local_experts, dtype=torch.long), torch.zeros(0))
         assert out.shape == (0, hidden) and bias is None
-        (out.sum() + 0.0).backward()
+        out.sum().backward()
         assert torch.equal(experts.weight1.grad, torch.zeros_like(experts.weight1))
         assert torch.equal(experts.weight2.grad, torch.zeros_like(experts.weight2))
+
+
+def test_configurations_the_layer_does_not_implement_are_refused_when_built() -> None:
+    """megatron-core options r1mega's configs never set: the activation recomputed (validation refuses it without
+    TE) and the routing probabilities applied before the experts."""
+    cfg = compose_config(["model.moe_experts=grouped"])
+    with single_process(cfg):
+        model = build_model(cfg, transformer_config(cfg))[0]
+        experts = next(m for m in unwrap(model).modules() if isinstance(m, TorchGroupedMLP))
+        for change, message in (
+            ({"recompute_granularity": "selective", "recompute_modules": ["moe_act"]}, "moe_act recompute"),
+            ({"moe_apply_probs_on_input": True, "moe_router_topk": 1}, "after the activation"),
+        ):
+            config = copy.copy(experts.config)
+            for key, value in change.items():
+                setattr(config, key, value)
+            with pytest.raises(ValueError, match=message):
+                TorchGroupedMLP(experts.num_local_experts, config, unwrap(model).pg_collection)
 
 
 def test_moe_experts_auto_resolves_by_machine_and_precision() -> None:
